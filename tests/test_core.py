@@ -1,0 +1,142 @@
+"""Core transforms: clip bound, conservation, top-k, noise, flatten."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import tf_dpsparse as tds
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=finite)
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors, st.floats(1e-3, 1e3))
+def test_clip_bounds_norm_and_keeps_direction(x, clip):
+  clipped, norm = tds.core.clip_by_l2_norm(tf.constant(x), clip)
+  norm_x = np.linalg.norm(x.astype(np.float64))
+  assert norm.numpy() == pytest.approx(norm_x, rel=1e-5, abs=1e-5)
+  assert np.linalg.norm(clipped.numpy()) <= clip * (1 + 1e-5)
+  if norm_x <= clip:
+    np.testing.assert_allclose(clipped.numpy(), x, rtol=1e-6)
+  else:
+    np.testing.assert_allclose(clipped.numpy(), x * (clip / norm_x),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_clip_structure_uses_global_norm():
+  structure = {'a': tf.fill([3], 3.0), 'b': [tf.fill([2, 2], 4.0)]}
+  clipped, norm = tds.core.clip_by_l2_norm(structure, 1.0)
+  assert norm.numpy() == pytest.approx(np.sqrt(27 + 64))
+  total = tds.core.flatten(clipped)
+  assert np.linalg.norm(total.numpy()) == pytest.approx(1.0, rel=1e-6)
+  with pytest.raises(ValueError, match='clip'):
+    tds.core.clip_by_l2_norm(structure, 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_topk_conservation_is_exact(data):
+  flat = data.draw(vectors)
+  residual = data.draw(hnp.arrays(np.float32, flat.shape, elements=finite))
+  k = data.draw(st.integers(1, flat.size))
+  sent, new_residual = tds.core.topk_with_error_feedback(
+      tf.constant(flat), k, tf.constant(residual))
+  total = tds.core.densify(sent) + new_residual
+  # Compared with TF's own sum: TF flushes subnormals, numpy does not.
+  np.testing.assert_array_equal(total.numpy(),
+                                (tf.constant(flat) + residual).numpy())
+  assert len(set(sent.indices.numpy().tolist())) == k
+  # The kept coordinates are the largest in magnitude.
+  kept = np.abs((flat + residual)[sent.indices.numpy()])
+  dropped = np.abs(new_residual.numpy())
+  assert kept.min() >= dropped.max()
+  # Top-k never raises the L2 norm (so clip -> top-k keeps the bound).
+  assert (np.linalg.norm(tds.core.densify(sent).numpy()) <=
+          np.linalg.norm(flat + residual) * (1 + 1e-6))
+
+
+def test_error_feedback_loses_nothing_over_rounds():
+  rng = np.random.default_rng(0)
+  residual = tf.zeros([500])
+  sent_total = np.zeros(500, np.float64)
+  input_total = np.zeros(500, np.float64)
+  for _ in range(20):
+    update = rng.normal(size=500).astype(np.float32)
+    sparse, residual = tds.core.topk_with_error_feedback(update, 5, residual)
+    sent_total += tds.core.densify(sparse).numpy()
+    input_total += update
+  np.testing.assert_allclose(sent_total + residual.numpy(), input_total,
+                             atol=1e-4)
+
+
+def test_topk_inside_tf_function_and_validation():
+  fn = tf.function(lambda x, r: tds.core.topk_with_error_feedback(x, 3, r))
+  sparse, residual = fn(tf.constant([1., -5., 2., 7., 0.]), tf.zeros([5]))
+  assert sorted(sparse.indices.numpy().tolist()) == [1, 2, 3]
+  np.testing.assert_array_equal(residual.numpy(), [1., 0., 0., 0., 0.])
+  with pytest.raises(ValueError, match='k must be'):
+    tds.core.topk_with_error_feedback(tf.zeros([4]), 5)
+  with pytest.raises(ValueError, match='vector'):
+    tds.core.topk_with_error_feedback(tf.zeros([2, 2]), 1)
+
+
+def test_noise_stddev_over_a_million_draws():
+  """Tolerance 2 % on the stddev (the sampling error is ~0.07 %), seed fixed."""
+  x = tf.zeros([1_000_000])
+  noised = tds.core.add_gaussian_noise(x, 2.5, seed=1234).numpy()
+  assert np.std(noised) == pytest.approx(2.5, rel=0.02)
+  assert abs(np.mean(noised)) < 0.01
+
+
+def test_noise_seeded_is_reproducible_unseeded_is_not():
+  x = {'w': tf.zeros([64]), 'b': tf.zeros([8])}
+  a = tds.core.add_gaussian_noise(x, 1.0, seed=7)
+  b = tds.core.add_gaussian_noise(x, 1.0, seed=7)
+  np.testing.assert_array_equal(a['w'], b['w'])
+  assert not np.array_equal(a['w'][:8], a['b'])  # leaves get distinct noise
+  c = tds.core.add_gaussian_noise(x, 1.0)
+  d = tds.core.add_gaussian_noise(x, 1.0)
+  assert not np.array_equal(c['w'], d['w'])
+  fresh = tds.core.fold_in_seed(7, 1)
+  e = tds.core.add_gaussian_noise(x, 1.0, seed=fresh)
+  assert not np.array_equal(a['w'], e['w'])
+  with pytest.raises(ValueError, match='stddev'):
+    tds.core.add_gaussian_noise(x, -1.0)
+
+
+def test_unseeded_noise_differs_across_processes():
+  import subprocess, sys
+  code = ('import tensorflow as tf, tf_dpsparse as tds;'
+          'print(tds.core.add_gaussian_noise(tf.zeros([4]), 1.0).numpy()[0])')
+  outs = {subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True, check=True).stdout.strip()
+          for _ in range(2)}
+  assert len(outs) == 2
+
+
+def test_flatten_unflatten_roundtrip():
+  model = tf.keras.Sequential([
+      tf.keras.layers.Dense(4, input_shape=(3,)), tf.keras.layers.Dense(2)])
+  weights = model.trainable_weights
+  flat = tds.core.flatten(weights)
+  assert flat.shape == (3 * 4 + 4 + 4 * 2 + 2,)
+  back = tds.core.unflatten(flat, weights)
+  for w, b in zip(weights, back):
+    np.testing.assert_array_equal(w.numpy(), b.numpy())
+  specs = [tf.TensorSpec(w.shape, w.dtype) for w in weights]
+  assert [t.shape for t in tds.core.unflatten(flat, specs)] == [
+      w.shape for w in weights]
+  with pytest.raises(ValueError, match='expected a vector of'):
+    tds.core.unflatten(flat[:-1], weights)
+
+
+def test_k_for_density():
+  assert tds.core.k_for_density(1_000_000, 0.01) == 10_000
+  assert tds.core.k_for_density(10, 0.001) == 1
+  assert tds.core.k_for_density(10, 1.0) == 10
+  for bad in (0.0, -0.1, 1.5):
+    with pytest.raises(ValueError, match='density'):
+      tds.core.k_for_density(10, bad)

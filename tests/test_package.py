@@ -1,0 +1,86 @@
+"""Packaging contracts: lazy TFF, no orphaned TFF worker, the CLI."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tf_dpsparse import _workers
+
+
+def _python(code, timeout=240):
+  """Runs `code` in a fresh interpreter with piped output.
+
+  `communicate` waits for EOF on the pipes, so an orphaned TFF worker that
+  holds them open turns into a TimeoutExpired here, as it would hang CI.
+  """
+  proc = subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    subprocess.run(['pkill', '-f', 'worker_binary'], check=False)
+    pytest.fail('a child process held the pipes open past exit '
+                '(orphaned TFF worker?)')
+  assert proc.returncode == 0, err
+  return out
+
+
+def test_import_does_not_load_tff():
+  out = _python("""
+      import sys, tf_dpsparse as tds
+      tds.core, tds.codec, tds.privacy
+      print(any(m.startswith('tensorflow_federated') for m in sys.modules))
+  """)
+  assert out.strip().splitlines()[-1] == 'False'
+
+
+def test_tff_worker_does_not_outlive_python_and_core_runs_in_tff():
+  out = _python("""
+      import numpy as np
+      import tf_dpsparse as tds
+      tff = tds.federated.tff
+      from tf_dpsparse import _workers
+
+      @tff.tensorflow.computation(tff.TensorType(np.float32, [6]))
+      def sparsify(x):
+        sparse, residual = tds.core.topk_with_error_feedback(x, 2)
+        return tds.core.densify(sparse) + residual
+
+      print(list(sparsify([1., -4., 2., 0., 3., 5.])))
+      print('workers', len(_workers.worker_pids()))
+  """)
+  lines = out.strip().splitlines()
+  assert lines[-2] == '[1.0, -4.0, 2.0, 0.0, 3.0, 5.0]'
+  assert lines[-1] == 'workers 1'  # it did start one ...
+  # ... and communicate() returned, so nothing held the pipes after exit.
+  assert _workers.worker_pids() == []
+
+
+def test_stop_workers_stops_a_child_named_worker_binary(tmp_path):
+  fake = tmp_path / 'worker_binary'
+  fake.write_text('#!/bin/sh\ntrap "" INT\nsleep 300\n')
+  fake.chmod(0o755)
+  proc = subprocess.Popen([str(fake)])
+  try:
+    assert proc.pid in _workers.worker_pids()
+    assert _workers.stop_workers(timeout=1.0)
+    assert proc.pid not in _workers.worker_pids()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
+def test_cli_help():
+  out = _python("""
+      import sys
+      from tf_dpsparse import cli
+      try:
+        cli.main(['--help'])
+      except SystemExit as e:
+        assert e.code == 0
+  """)
+  assert 'tf-dpsparse' in out and 'calibrate' in out

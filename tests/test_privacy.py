@@ -1,0 +1,105 @@
+"""Accounting: every ε is recomputed directly with dp_accounting."""
+
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+import tf_dpsparse as tds
+
+
+def _direct(noise_multiplier, q, steps, delta, accountant):
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          q, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+  acc = (rdp.RdpAccountant() if accountant == 'rdp' else pld.PLDAccountant())
+  return acc.compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize('accountant', ['rdp', 'pld'])
+@pytest.mark.parametrize('z,q,steps', [(1.1, 0.01, 1000), (0.8, 0.1, 50),
+                                       (4.0, 0.5, 20)])
+def test_epsilon_matches_dp_accounting(accountant, z, q, steps):
+  delta = 1e-5
+  ours = tds.privacy.compute_epsilon(z, q, steps, delta, accountant=accountant)
+  assert ours == pytest.approx(_direct(z, q, steps, delta, accountant),
+                               rel=1e-6)
+
+
+def test_full_participation_is_plain_gaussian():
+  ours = tds.privacy.compute_epsilon(2.0, 1.0, 10, 1e-5)
+  direct = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(2.0), 10)).get_epsilon(1e-5)
+  assert ours == pytest.approx(direct, rel=1e-6)
+
+
+def test_edge_cases_and_validation():
+  assert tds.privacy.compute_epsilon(1.0, 0.1, 0, 1e-5) == 0.0
+  assert math.isinf(tds.privacy.compute_epsilon(0.0, 0.1, 5, 1e-5))
+  for kwargs in (dict(sampling_rate=0.0), dict(sampling_rate=1.5),
+                 dict(noise_multiplier=-1.0), dict(steps=-1),
+                 dict(delta=0.0), dict(steps=2.5)):
+    args = dict(noise_multiplier=1.0, sampling_rate=0.1, steps=10, delta=1e-5)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+      tds.privacy.compute_epsilon(**args)
+  with pytest.raises(ValueError, match='accountant'):
+    tds.privacy.compute_epsilon(1.0, 0.1, 10, 1e-5, accountant='moments')
+
+
+@pytest.mark.parametrize('target,q,steps', [(1.0, 0.01, 1000), (3.0, 0.05, 200),
+                                            (8.0, 1.0, 30)])
+def test_calibration_hits_target_within_one_percent(target, q, steps):
+  delta = 1e-5
+  z = tds.privacy.calibrate_noise_multiplier(target, delta, q, steps)
+  eps = _direct(z, q, steps, delta, 'rdp') if q < 1 else (
+      tds.privacy.compute_epsilon(z, q, steps, delta))
+  assert 0.99 * target <= eps <= target * (1 + 1e-9)
+
+
+def test_ledger_matches_direct_composition_and_refuses_past_budget():
+  delta = 1e-5
+  ledger = tds.privacy.PrivacyLedger(delta, epsilon_budget=2.0)
+  first = tds.privacy.sampled_gaussian_event(1.1, 0.01, 100)
+  second = tds.privacy.sampled_gaussian_event(2.0, 0.1, 10)
+  schedule = [first] * 3 + [second] * 2
+  for event in schedule:
+    ledger.record(event)
+  direct = rdp.RdpAccountant()
+  for event in schedule:
+    direct.compose(event)
+  assert ledger.epsilon == pytest.approx(direct.get_epsilon(delta), rel=1e-6)
+  assert len(ledger.entries) == 2  # consecutive identical events merged
+
+  spent = ledger.epsilon
+  with pytest.raises(tds.privacy.BudgetExhaustedError, match='budget'):
+    for _ in range(100):
+      ledger.record(first)
+  assert ledger.epsilon <= 2.0
+  assert ledger.epsilon > spent
+  refused = ledger.epsilon
+  with pytest.raises(tds.privacy.BudgetExhaustedError):
+    ledger.record(first)
+  assert ledger.epsilon == refused  # a refused event is not recorded
+  assert ledger.epsilon_if(first) > 2.0
+
+
+def test_ledger_json_roundtrip():
+  ledger = tds.privacy.PrivacyLedger(1e-6, epsilon_budget=10.0, accountant='pld')
+  ledger.record(tds.privacy.sampled_gaussian_event(1.5, 0.02, 50), count=3)
+  ledger.record(tds.privacy.sampled_gaussian_event(1.0, 1.0, 1))
+  text = ledger.to_json()
+  back = tds.privacy.PrivacyLedger.from_json(text)
+  assert back.entries == ledger.entries
+  assert back.epsilon == pytest.approx(ledger.epsilon, rel=1e-12)
+  assert json.loads(text)['epsilon'] == pytest.approx(ledger.epsilon)
+
+
+def test_ledger_json_refuses_unknown_event_types():
+  data = json.loads(tds.privacy.PrivacyLedger(1e-5).to_json())
+  data['entries'] = [{'event': {'type': 'os.system', 'command': 'true'},
+                      'count': 1}]
+  with pytest.raises(ValueError, match='unknown DpEvent'):
+    tds.privacy.PrivacyLedger.from_dict(data)

@@ -1,0 +1,32 @@
+"""tf_dpsparse: differentially private, top-k sparse federated learning.
+
+`core`, `codec` and `privacy` load eagerly (TensorFlow and dp_accounting
+only). The fronts load on first use: `federated` imports TensorFlow
+Federated, which is slow to import and starts a worker process, so
+`import tf_dpsparse` never pulls it in.
+"""
+
+import importlib
+
+from tf_dpsparse import codec
+from tf_dpsparse import core
+from tf_dpsparse import privacy
+
+__version__ = '0.1.0'
+
+_LAZY_SUBMODULES = ('data', 'federated', 'keras', 'lite')
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    module = importlib.import_module(f'tf_dpsparse.{name}')
+    globals()[name] = module
+    return module
+  raise AttributeError(f'module tf_dpsparse has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY_SUBMODULES))
+
+
+__all__ = ['codec', 'core', 'privacy', *_LAZY_SUBMODULES]

@@ -1,0 +1,95 @@
+"""Stops the TFF C++ `worker_binary` this process started.
+
+TFF 0.87's local execution context launches `worker_binary` as a child and
+relies on a `__del__` to stop it, which does not run reliably at interpreter
+exit: the orphan keeps the parent's stdout/stderr open, so `cmd | tee log` or
+CI hangs until its time limit. Importing `tf_dpsparse.federated` calls `install()`, which registers
+`stop_workers` with `atexit` and on SIGTERM, so no worker outlives the Python
+process that started it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import time
+from typing import List
+
+_WORKER_NAME = 'worker_binary'
+
+
+def _children() -> List[int]:
+  """PIDs of this process's direct children (Linux /proc)."""
+  children = []
+  me = os.getpid()
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat', 'rb') as f:
+        stat = f.read().decode(errors='replace')
+    except OSError:
+      continue
+    # Field 4 (ppid) follows the parenthesized command name.
+    fields = stat[stat.rfind(')') + 2:].split()
+    if len(fields) > 1 and int(fields[1]) == me:
+      children.append(int(entry))
+  return children
+
+
+def _is_worker(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      return _WORKER_NAME.encode() in f.read()
+  except OSError:
+    return False
+
+
+def worker_pids() -> List[int]:
+  """TFF worker processes that are children of this process."""
+  if not os.path.isdir('/proc'):
+    return []
+  return [pid for pid in _children() if _is_worker(pid)]
+
+
+def stop_workers(timeout: float = 5.0) -> bool:
+  """SIGINT, then SIGKILL after `timeout`, every TFF worker child; reaps them.
+
+  Returns True when no worker child remains. Safe to call more than once.
+  """
+  pids = worker_pids()
+  for sig in (signal.SIGINT, signal.SIGKILL):
+    for pid in pids:
+      try:
+        os.kill(pid, sig)
+      except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+      for pid in list(pids):
+        try:
+          done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+          done = pid
+        if done:
+          pids.remove(pid)
+      time.sleep(0.05)
+    if not pids:
+      break
+  return len(worker_pids()) == 0
+
+
+def _on_sigterm(signum, frame):
+  stop_workers()
+  raise SystemExit(128 + signum)
+
+
+def install() -> None:
+  """Registers `stop_workers` at exit and on SIGTERM (main thread only)."""
+  atexit.register(stop_workers)
+  try:
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+      signal.signal(signal.SIGTERM, _on_sigterm)
+  except ValueError:  # not the main thread
+    pass

@@ -1,0 +1,173 @@
+"""The update transforms every front composes: clip, noise, top-k, densify.
+
+Pure TensorFlow: each function works eagerly, inside `tf.function` and inside
+TFF's TensorFlow computations. State is explicit (the error-feedback residual
+is passed in and returned), in the style of optax's transforms, so a caller
+decides where it lives: on the device, in a TFF client-state store, or in a
+Keras optimizer slot.
+
+The privacy reasoning of a pipeline is the caller's, and it rests on order:
+`clip_by_l2_norm` bounds sensitivity, `add_gaussian_noise` privatizes, and only
+then may `topk_with_error_feedback` choose indices (post-processing of noised
+values). Top-k never raises the L2 norm, so clip -> top-k keeps the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Tuple, Union
+
+import tensorflow as tf
+
+SeedLike = Union[None, int, tf.Tensor]
+
+
+class SparseUpdate(NamedTuple):
+  """A sparse slice of a flat update: `values` at `indices` of a vector of `size`.
+
+  `indices` are int32[k] and distinct; `values` are float32[k]. Fields may be
+  `tf.Tensor`s (from the transforms) or numpy arrays (from `tds.codec.decode`);
+  `densify` accepts both. `size` is a Python int (static, like a dense shape).
+  """
+
+  indices: Any
+  values: Any
+  size: int
+
+
+def flatten(structure) -> tf.Tensor:
+  """Concatenates a `tf.nest` structure of tensors into one float32 vector."""
+  leaves = tf.nest.flatten(structure)
+  if not leaves:
+    raise ValueError('flatten: the structure has no tensors.')
+  return tf.concat(
+      [tf.reshape(tf.cast(t, tf.float32), [-1]) for t in leaves], axis=0)
+
+
+def unflatten(flat: tf.Tensor, like):
+  """Inverse of `flatten`: splits `flat` into tensors shaped and typed as `like`.
+
+  `like` is a structure of tensors, variables or `tf.TensorSpec`s with fully
+  defined shapes.
+  """
+  leaves = tf.nest.flatten(like)
+  shapes = [tf.TensorShape(t.shape) for t in leaves]
+  for shape in shapes:
+    if not shape.is_fully_defined():
+      raise ValueError(f'unflatten: shape {shape} is not fully defined.')
+  sizes = [shape.num_elements() for shape in shapes]
+  expected = sum(sizes)
+  if flat.shape.rank != 1 or (flat.shape[0] is not None and
+                              flat.shape[0] != expected):
+    raise ValueError(
+        f'unflatten: expected a vector of {expected} elements, got shape '
+        f'{flat.shape}.')
+  parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+  tensors = [
+      tf.cast(tf.reshape(p, shape), t.dtype)
+      for p, shape, t in zip(parts, shapes, leaves)
+  ]
+  return tf.nest.pack_sequence_as(like, tensors)
+
+
+def clip_by_l2_norm(tensor, clip) -> Tuple[Any, tf.Tensor]:
+  """Scales `tensor` (a tensor or a structure) to global L2 norm <= `clip`.
+
+  Returns `(clipped, global_norm)` where `global_norm` is the norm *before*
+  clipping (what DP-FedAvg reports as the fraction clipped). This is the step
+  that bounds the sensitivity of everything computed afterwards.
+  """
+  if isinstance(clip, (int, float)) and not clip > 0:
+    raise ValueError(f'clip must be > 0, got {clip}.')
+  leaves = tf.nest.flatten(tensor)
+  clipped, norm = tf.clip_by_global_norm(leaves, clip)
+  return tf.nest.pack_sequence_as(tensor, clipped), norm
+
+
+def _stateless_seed(seed) -> tf.Tensor:
+  if isinstance(seed, int):
+    return tf.constant([seed, 0], dtype=tf.int64)
+  seed = tf.convert_to_tensor(seed)
+  if seed.shape != (2,):
+    raise ValueError(f'seed must be an int or a shape-[2] tensor, got {seed}.')
+  return seed
+
+
+def add_gaussian_noise(tensor, stddev, seed: SeedLike = None):
+  """Adds i.i.d. N(0, stddev^2) noise to a tensor or a structure of tensors.
+
+  Without `seed` the noise comes from TensorFlow's stateful RNG, which draws
+  its seed from OS entropy (unless the program called `tf.random.set_seed`),
+  so two runs never share noise. A `seed` (int or shape-[2] tensor) makes the
+  draw stateless and reproducible: for tests, or for a caller that advances
+  the seed itself (see `fold_in_seed`). Never reuse a seed across releases:
+  identical noise on two releases cancels in their difference.
+  """
+  if isinstance(stddev, (int, float)) and stddev < 0:
+    raise ValueError(f'stddev must be >= 0, got {stddev}.')
+  leaves = tf.nest.flatten(tensor)
+  if seed is not None:
+    seeds = tf.random.experimental.stateless_split(
+        _stateless_seed(seed), num=len(leaves))
+  noised = []
+  for i, t in enumerate(leaves):
+    t = tf.convert_to_tensor(t)
+    if seed is None:
+      noise = tf.random.normal(tf.shape(t), stddev=stddev, dtype=t.dtype)
+    else:
+      noise = tf.random.stateless_normal(
+          tf.shape(t), seed=seeds[i], stddev=stddev, dtype=t.dtype)
+    noised.append(t + noise)
+  return tf.nest.pack_sequence_as(tensor, noised)
+
+
+def fold_in_seed(seed, data) -> tf.Tensor:
+  """A fresh stateless seed derived from `seed` and a counter (round, step)."""
+  return tf.random.experimental.stateless_fold_in(_stateless_seed(seed), data)
+
+
+def k_for_density(size: int, density: float) -> int:
+  """Number of coordinates kept at `density` in (0, 1]: ceil(density * size)."""
+  if not 0.0 < density <= 1.0:
+    raise ValueError(f'density must be in (0, 1], got {density}.')
+  if size < 1:
+    raise ValueError(f'size must be >= 1, got {size}.')
+  return min(size, max(1, math.ceil(density * size - 1e-9)))
+
+
+def topk_with_error_feedback(
+    flat: tf.Tensor, k, residual: Optional[tf.Tensor] = None
+) -> Tuple[SparseUpdate, tf.Tensor]:
+  """Keeps the k largest-magnitude coordinates of `flat + residual`.
+
+  Error feedback: whatever is not sent stays in `new_residual` and is added to
+  the next update, so nothing is lost over time. Conservation is exact,
+  `densify(sent) + new_residual == flat + residual`, because each coordinate
+  of the sum goes, unchanged, to exactly one of the two.
+
+  Privacy: the choice of indices is a function of `flat + residual`. It is
+  private only if both are (functions of) already-noised values, or if the
+  result is never released except inside a noised aggregate. Callers state
+  which; this function adds no privacy.
+  """
+  flat = tf.convert_to_tensor(flat, tf.float32)
+  if flat.shape.rank != 1:
+    raise ValueError(f'flat must be a vector, got shape {flat.shape}.')
+  size = flat.shape[0]
+  if size is None:
+    raise ValueError('flat must have a static length.')
+  if isinstance(k, int) and not 0 < k <= size:
+    raise ValueError(f'k must be in [1, {size}], got {k}.')
+  accumulated = flat if residual is None else flat + residual
+  _, indices = tf.math.top_k(tf.abs(accumulated), k=k, sorted=False)
+  values = tf.gather(accumulated, indices)
+  new_residual = tf.tensor_scatter_nd_update(
+      accumulated, indices[:, tf.newaxis], tf.zeros_like(values))
+  return SparseUpdate(indices, values, size), new_residual
+
+
+def densify(sparse: SparseUpdate) -> tf.Tensor:
+  """The dense float32[size] vector a `SparseUpdate` stands for."""
+  indices = tf.convert_to_tensor(sparse.indices, tf.int32)
+  values = tf.convert_to_tensor(sparse.values, tf.float32)
+  return tf.scatter_nd(indices[:, tf.newaxis], values, [int(sparse.size)])
