@@ -140,3 +140,20 @@ def test_k_for_density():
   for bad in (0.0, -0.1, 1.5):
     with pytest.raises(ValueError, match='density'):
       tds.core.k_for_density(10, bad)
+
+
+def test_clip_rows_and_gaussian_average():
+  rows = tf.constant([[3., 4.], [0.3, 0.4], [0., 0.]])
+  clipped, norms = tds.core.clip_rows_by_l2_norm(rows, 1.0)
+  np.testing.assert_allclose(norms.numpy(), [5., 0.5, 0.], rtol=1e-6)
+  np.testing.assert_allclose(clipped.numpy(), [[.6, .8], [.3, .4], [0., 0.]],
+                             rtol=1e-6)
+  mean, _ = tds.core.gaussian_average(rows, 1.0, 0.0)
+  np.testing.assert_allclose(mean.numpy(), [0.3, 0.4], rtol=1e-6)
+
+
+def test_gaussian_average_noise_scale():
+  """stddev of the noised mean is z * C / n; tolerance 2 %, seed fixed."""
+  n, d, z, clip = 8, 200_000, 1.3, 0.5
+  mean, _ = tds.core.gaussian_average(tf.zeros([n, d]), clip, z, seed=3)
+  assert np.std(mean.numpy()) == pytest.approx(z * clip / n, rel=0.02)

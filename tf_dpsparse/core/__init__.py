@@ -4,15 +4,18 @@ from tf_dpsparse.core import codec
 from tf_dpsparse.core.transforms import SparseUpdate
 from tf_dpsparse.core.transforms import add_gaussian_noise
 from tf_dpsparse.core.transforms import clip_by_l2_norm
+from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
 from tf_dpsparse.core.transforms import densify
 from tf_dpsparse.core.transforms import flatten
 from tf_dpsparse.core.transforms import fold_in_seed
+from tf_dpsparse.core.transforms import gaussian_average
 from tf_dpsparse.core.transforms import k_for_density
 from tf_dpsparse.core.transforms import topk_with_error_feedback
 from tf_dpsparse.core.transforms import unflatten
 
 __all__ = [
-    'SparseUpdate', 'add_gaussian_noise', 'clip_by_l2_norm', 'codec',
-    'densify', 'flatten', 'fold_in_seed', 'k_for_density',
+    'SparseUpdate', 'add_gaussian_noise', 'clip_by_l2_norm',
+    'clip_rows_by_l2_norm', 'codec', 'densify', 'flatten', 'fold_in_seed',
+    'gaussian_average', 'k_for_density',
     'topk_with_error_feedback', 'unflatten'
 ]

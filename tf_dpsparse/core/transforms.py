@@ -84,6 +84,37 @@ def clip_by_l2_norm(tensor, clip) -> Tuple[Any, tf.Tensor]:
   return tf.nest.pack_sequence_as(tensor, clipped), norm
 
 
+def clip_rows_by_l2_norm(rows: tf.Tensor, clip) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Clips each row of a [n, d] matrix (one flat gradient per example) to L2 <= clip.
+
+  Vectorized per-example clipping for DP-SGD. Returns `(clipped, norms)` with
+  the norms before clipping.
+  """
+  if isinstance(clip, (int, float)) and not clip > 0:
+    raise ValueError(f'clip must be > 0, got {clip}.')
+  rows = tf.convert_to_tensor(rows)
+  norms = tf.sqrt(tf.reduce_sum(tf.square(rows), axis=1))
+  scale = tf.minimum(1.0, clip / tf.maximum(norms, 1e-12))
+  return rows * scale[:, tf.newaxis], norms
+
+
+def gaussian_average(rows: tf.Tensor, l2_norm_clip, noise_multiplier,
+                     seed: SeedLike = None) -> Tuple[tf.Tensor, tf.Tensor]:
+  """DP-SGD's private mean of per-example (or per-microbatch) flat gradients.
+
+  Clips every row to `l2_norm_clip`, sums, adds N(0, (noise_multiplier *
+  l2_norm_clip)^2) once to the sum and divides by the (public, fixed) number
+  of rows: the sampled Gaussian mechanism with sensitivity `l2_norm_clip`
+  under add/remove of one row. Returns `(average, norms)`.
+  """
+  if isinstance(noise_multiplier, (int, float)) and noise_multiplier < 0:
+    raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+  clipped, norms = clip_rows_by_l2_norm(rows, l2_norm_clip)
+  total = add_gaussian_noise(
+      tf.reduce_sum(clipped, axis=0), noise_multiplier * l2_norm_clip, seed)
+  return total / tf.cast(tf.shape(rows)[0], total.dtype), norms
+
+
 def _stateless_seed(seed) -> tf.Tensor:
   if isinstance(seed, int):
     return tf.constant([seed, 0], dtype=tf.int64)
