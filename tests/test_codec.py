@@ -224,3 +224,21 @@ def test_fuzzed_payloads_raise_only_decode_error(coding, data):
   assert ((indices >= 0) & (indices < SIZE)).all()
   assert (np.diff(indices) > 0).all()
   assert np.isfinite(decoded.values).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(updates(), st.sampled_from([32, 16]))
+def test_encoded_nbytes_in_tf_equals_len_encode(sparse, value_bits):
+  import tensorflow as tf
+  expected = len(tds.codec.encode(sparse, value_bits))
+  got = tds.codec.encoded_nbytes(tf.constant(sparse.indices), sparse.size,
+                                 value_bits)
+  assert int(got) == expected
+
+
+def test_encoded_nbytes_large_and_in_tf_function():
+  import tensorflow as tf
+  for size, k in ((1_000_000, 10_000), (200_000, 60_000), (300, 299)):
+    sparse = _random_update(size, k, seed=size)
+    fn = tf.function(lambda i: tds.codec.encoded_nbytes(i, size))
+    assert int(fn(tf.constant(sparse.indices))) == len(tds.codec.encode(sparse))

@@ -30,6 +30,7 @@ import math
 from typing import Tuple
 
 import numpy as np
+import tensorflow as tf
 
 from tf_dpsparse.core.transforms import SparseUpdate
 
@@ -95,18 +96,14 @@ def _get_varint(payload: bytes, pos: int, field: str) -> Tuple[int, int]:
 
 
 def _rice_parameter(gaps: np.ndarray) -> Tuple[int, int]:
-  """The Rice parameter b minimizing total bits, and that total."""
-  k = gaps.size
-  if k == 0:
-    return 0, 0
-  mean = float(gaps.mean())
-  center = int(math.log2(mean)) if mean >= 1 else 0
-  best = None
-  for b in range(max(0, center - 2), min(_MAX_RICE_PARAMETER, center + 3) + 1):
-    bits = int(np.sum(gaps >> b)) + k * (1 + b)
-    if best is None or bits < best[1]:
-      best = (b, bits)
-  return best
+  """The Rice parameter b minimizing total bits (smallest b on ties), and that total.
+
+  Scans every b in [0, 31]: cheap, and the rule `encoded_nbytes` mirrors in TF.
+  """
+  b = np.arange(_MAX_RICE_PARAMETER + 1, dtype=np.int64)
+  bits = (gaps[None, :] >> b[:, None]).sum(axis=1) + gaps.size * (1 + b)
+  best = int(np.argmin(bits))
+  return best, int(bits[best])
 
 
 def _encode_rice(indices: np.ndarray) -> bytes:
@@ -122,7 +119,7 @@ def _encode_rice(indices: np.ndarray) -> bytes:
           np.packbits(remainder_bits.ravel()).tobytes() + unary_bytes)
 
 
-def _rice_nbytes(indices: np.ndarray) -> int:
+def _rice_nbytes(indices: np.ndarray) -> int:  # mirrored by encoded_nbytes
   gaps = np.diff(indices, prepend=-1) - 1
   b, bits = _rice_parameter(gaps)
   unary_bytes = math.ceil((bits - indices.size * b) / 8)
@@ -308,3 +305,41 @@ def decode(payload: bytes, size: int) -> SparseUpdate:
   if not np.isfinite(values).all():
     raise DecodeError('values contain NaN or Inf.')
   return SparseUpdate(indices.astype(np.int32), values, size)
+
+
+# -------------------------------------------------- byte count inside graphs ---
+
+
+def _varint_nbytes_tf(value: tf.Tensor) -> tf.Tensor:
+  value = tf.cast(value, tf.int64)
+  thresholds = tf.constant([1 << (7 * i) for i in range(1, _MAX_VARINT_BYTES)],
+                           tf.int64)
+  return 1 + tf.reduce_sum(tf.cast(value >= thresholds, tf.int64))
+
+
+def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Tensor:
+  """`len(encode(...))` for these distinct `indices`, computed in TensorFlow.
+
+  TFF computations and TFLite graphs cannot call the numpy encoder, yet every
+  byte they send must be counted exactly; this mirrors `encode`'s choices
+  (Rice parameter, Rice vs bitmap) and is tested equal to it. Returns int64.
+  """
+  if value_bits not in _VALUE_DTYPES:
+    raise ValueError(f'value_bits must be 32 or 16, got {value_bits}.')
+  indices = tf.sort(tf.cast(tf.reshape(indices, [-1]), tf.int64))
+  k = tf.size(indices, out_type=tf.int64)
+  gaps = indices - tf.concat([[-1], indices[:-1]], axis=0) - 1
+  b = tf.range(_MAX_RICE_PARAMETER + 1, dtype=tf.int64)
+  bits = tf.reduce_sum(
+      tf.bitwise.right_shift(gaps[tf.newaxis, :], b[:, tf.newaxis]),
+      axis=1) + k * (1 + b)
+  best = tf.reduce_min(tf.where(bits == tf.reduce_min(bits), b,
+                                _MAX_RICE_PARAMETER + 1))
+  best_bits = tf.gather(bits, best)
+  unary_nbytes = (best_bits - k * best + 7) // 8
+  rice = (1 + _varint_nbytes_tf(unary_nbytes) + (k * best + 7) // 8 +
+          unary_nbytes)
+  bitmap = tf.constant((size + 7) // 8, tf.int64)
+  header = len(MAGIC) + 2 + len(_put_varint(size)) + _varint_nbytes_tf(k)
+  return (header + tf.where(bitmap < rice, bitmap, rice) +
+          k * _VALUE_DTYPES[value_bits].itemsize)
