@@ -333,8 +333,8 @@ def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Te
   bits = tf.reduce_sum(
       tf.bitwise.right_shift(gaps[tf.newaxis, :], b[:, tf.newaxis]),
       axis=1) + k * (1 + b)
-  best = tf.reduce_min(tf.where(bits == tf.reduce_min(bits), b,
-                                _MAX_RICE_PARAMETER + 1))
+  # argmin of (bits, b) in lexicographic order: the smallest b on ties.
+  best = tf.argmin(bits * (_MAX_RICE_PARAMETER + 1) + b)
   best_bits = tf.gather(bits, best)
   unary_nbytes = (best_bits - k * best + 7) // 8
   rice = (1 + _varint_nbytes_tf(unary_nbytes) + (k * best + 7) // 8 +

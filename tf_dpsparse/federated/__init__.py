@@ -1,8 +1,26 @@
-"""TFF front. Importing it imports TensorFlow Federated and makes sure the TFF
-worker process it may start is stopped when Python exits."""
+"""TFF front: DP-sparse upload aggregation, sparse download, the learning process.
+
+Importing it imports TensorFlow Federated and makes sure the TFF worker
+process it may start is stopped when Python exits.
+"""
 
 import tensorflow_federated as tff  # noqa: F401  (the front's dependency)
 
 from tf_dpsparse import _workers
+from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
+from tf_dpsparse.federated.aggregator import client_sparsify
+from tf_dpsparse.federated.aggregator import sparse_type
+from tf_dpsparse.federated.client_states import ClientStateStore
+from tf_dpsparse.federated.distributor import apply_broadcast
+from tf_dpsparse.federated.distributor import build_sparse_distributor
+from tf_dpsparse.federated.distributor import catch_up_nbytes
+from tf_dpsparse.federated.learning import DPSparseFedAvg
+from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 
 _workers.install()
+
+__all__ = [
+    'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
+    'apply_broadcast', 'build_dp_sparse_fed_avg', 'build_sparse_distributor',
+    'catch_up_nbytes', 'client_sparsify', 'sparse_type'
+]

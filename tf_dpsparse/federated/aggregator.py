@@ -1,0 +1,154 @@
+"""Upload aggregation: `DPSparseAggregatorFactory`, a `tff.aggregators` factory.
+
+Each device uploads a `SparseUpdate` (k indices and values of a flat update of
+`size` parameters); this is what travels on the wire. The factory densifies,
+sums, averages and, in client-level DP mode, adds Gaussian noise at the
+server, reporting the exact upload bytes (the codec's size of every payload).
+
+Client-side clipping and top-k with the device's residual happen on the
+device (`client_sparsify`): a TFF aggregation process cannot return per-client
+state, and the residual must never leave the device.
+
+Privacy (client-level mode): the sum's sensitivity is `l2_norm_clip` because
+every device clips the sparse update it sends; the noise N(0, (z * C)^2) is
+added once to the sum, and the mean divides by the fixed, public
+`clients_per_round` (as TFF's `DifferentiallyPrivateFactory.gaussian_fixed`).
+The indices a device picks are seen by this aggregator, so it must be
+trusted: only the noised aggregate is released (DESIGN.md, trusted
+aggregator). Example-level mode adds nothing here: uploads are already DP.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tf_dpsparse import core
+from tf_dpsparse.core import codec
+
+MODES = (None, 'example', 'client')
+
+
+def sparse_type(k: int) -> tff.StructType:
+  """The TFF type of one upload: k int32 indices and k float32 values."""
+  return tff.StructType([('indices', tff.TensorType(np.int32, [k])),
+                         ('values', tff.TensorType(np.float32, [k]))])
+
+
+def client_sparsify(update: tf.Tensor, residual: tf.Tensor, k: int,
+                    l2_norm_clip: Optional[float] = None):
+  """Device side of the upload: top-k of update + residual, then clip.
+
+  Clipping the *sent* vector (not the update before error feedback) is what
+  bounds the per-round sensitivity by `l2_norm_clip`: the residual carries
+  past rounds' data, so `clip(update) + residual` could exceed the clip.
+  What clipping removes goes back into the residual, which stays on the
+  device, so nothing is lost. Returns `(sparse, new_residual, was_clipped)`.
+  """
+  sparse, new_residual = core.topk_with_error_feedback(update, k, residual)
+  if l2_norm_clip is None:
+    return sparse, new_residual, tf.constant(False)
+  values, norm = core.clip_by_l2_norm(sparse.values, l2_norm_clip)
+  new_residual += core.densify(sparse._replace(values=sparse.values - values))
+  return sparse._replace(values=values), new_residual, norm > l2_norm_clip
+
+
+class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Averages sparse uploads; in client-level mode adds server Gaussian noise.
+
+  Args:
+    size: the number of parameters of the flat update.
+    mode: None (plain mean over participants), 'example' (uploads are DP
+      already: plain mean) or 'client' (noised sum / `clients_per_round`).
+    l2_norm_clip, noise_multiplier, clients_per_round: client-level DP only.
+    value_bits: 32 or 16, the wire precision of values (for byte counts; the
+      simulation keeps float32 values).
+    seed: fixes the server noise (tests); OS entropy when None.
+  """
+
+  def __init__(self, size: int, *, mode: Optional[str] = None,
+               l2_norm_clip: Optional[float] = None,
+               noise_multiplier: Optional[float] = None,
+               clients_per_round: Optional[int] = None,
+               value_bits: int = 32, seed: Optional[int] = None):
+    if mode not in MODES:
+      raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+    if mode == 'client':
+      for name, value in (('l2_norm_clip', l2_norm_clip),
+                          ('noise_multiplier', noise_multiplier),
+                          ('clients_per_round', clients_per_round)):
+        if value is None or value < 0 or (name != 'noise_multiplier' and
+                                          value == 0):
+          raise ValueError(f'client-level DP needs {name} > 0, got {value}.')
+    self._size = int(size)
+    self._mode = mode
+    self._clip = l2_norm_clip
+    self._noise_multiplier = noise_multiplier
+    self._clients_per_round = clients_per_round
+    self._value_bits = value_bits
+    self._seed = seed
+
+  def create(self, value_type) -> tff.templates.AggregationProcess:
+    value_type = tff.types.to_type(value_type)
+    k = value_type.indices.shape[0]
+    if value_type != sparse_type(k):
+      raise TypeError(f'expected uploads of type {sparse_type(k)}, got '
+                      f'{value_type}.')
+    size, value_bits = self._size, self._value_bits
+
+    @tff.tensorflow.computation(value_type)
+    def densify(sparse):
+      return core.densify(core.SparseUpdate(sparse.indices, sparse.values, size))
+
+    @tff.tensorflow.computation(value_type)
+    def upload_nbytes(sparse):
+      return codec.encoded_nbytes(sparse.indices, size, value_bits)
+
+    @tff.tensorflow.computation
+    def one():
+      return np.int32(1)
+
+    @tff.tensorflow.computation
+    def init():
+      return np.int64(0)  # rounds aggregated: keys seeded noise
+
+    mode, clip, z = self._mode, self._clip, self._noise_multiplier
+    clients_per_round, seed = self._clients_per_round, self._seed
+
+    @tff.tensorflow.computation(init.type_signature.result,
+                                tff.TensorType(np.float32, [size]),
+                                np.int32)
+    def finalize(round_num, total, count):
+      if mode != 'client':
+        return total / tf.maximum(tf.cast(count, tf.float32), 1.0)
+      noise_seed = None if seed is None else core.fold_in_seed(seed, round_num)
+      noised = core.add_gaussian_noise(total, z * clip, noise_seed)
+      return noised / float(clients_per_round)
+
+    @tff.federated_computation(
+        tff.FederatedType(init.type_signature.result, tff.SERVER),
+        tff.FederatedType(value_type, tff.CLIENTS))
+    def next_fn(state, uploads):
+      total = tff.federated_sum(tff.federated_map(densify, uploads))
+      count = tff.federated_sum(tff.federated_value(one(), tff.CLIENTS))
+      mean = tff.federated_map(finalize, (state, total, count))
+      measurements = tff.federated_zip(collections.OrderedDict(
+          bytes_up=tff.federated_sum(tff.federated_map(upload_nbytes, uploads)),
+          num_clients=count))
+      new_state = tff.federated_map(_increment, state)
+      return tff.templates.MeasuredProcessOutput(new_state, mean, measurements)
+
+    @tff.federated_computation
+    def init_fn():
+      return tff.federated_eval(init, tff.SERVER)
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+@tff.tensorflow.computation(np.int64)
+def _increment(round_num):
+  return round_num + 1

@@ -1,0 +1,149 @@
+"""Download compression: `build_sparse_distributor`, a TFF DistributionProcess.
+
+The server keeps the *public model*: what every up-to-date device has
+reconstructed from all broadcasts so far. Each round it broadcasts the top-k
+of (global - public) and adds it to the public model. Error feedback is
+implicit and exact: whatever was not sent is still in (global - public), the
+server residual, and competes for the next broadcast.
+
+A device that skipped rounds catches up with the union of the index sets
+broadcast since it last synced (values read off the current public model), or
+with the dense model when that is smaller or older than the kept history; its
+exact bytes are `catch_up_nbytes`. In simulation devices receive the
+reconstructed public weights directly; `apply_broadcast` is what a real
+device does with the bytes, and the tests check the two agree bit for bit.
+
+Privacy: the global model is a function of DP uploads (example-level) or of
+the noised aggregate (client-level), so choosing its top-k is post-processing.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tf_dpsparse import core
+from tf_dpsparse.core import codec
+
+
+def _state_type(size, k, history):
+  return tff.StructType([
+      ('public', tff.TensorType(np.float32, [size])),
+      ('round_num', tff.TensorType(np.int32)),
+      ('history_indices', tff.TensorType(np.int32, [history, k])),
+      ('history_rounds', tff.TensorType(np.int32, [history])),
+      ('last_indices', tff.TensorType(np.int32, [k])),
+      ('last_values', tff.TensorType(np.float32, [k])),
+  ])
+
+
+def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
+                    round_num, size: int, value_bits: int = 32):
+  """Bytes a device synced at `last_sync_round` downloads to reach `round_num`.
+
+  The union of the index sets broadcast in rounds (last_sync_round,
+  round_num], coded by `tds.codec`, or the dense model if that is smaller or
+  if some of those rounds fell out of the kept history. Zero if up to date.
+  """
+  last_sync_round = tf.cast(last_sync_round, tf.int32)
+  needed = history_rounds > last_sync_round
+  missing = round_num - last_sync_round
+  covered = tf.reduce_sum(tf.cast(needed, tf.int32)) >= missing
+  union, _ = tf.unique(tf.reshape(tf.boolean_mask(history_indices, needed), [-1]))
+  sparse_nbytes = codec.encoded_nbytes(union, size, value_bits)
+  dense = tf.constant(codec.dense_nbytes(size, value_bits), tf.int64)
+  nbytes = tf.where(covered, tf.minimum(sparse_nbytes, dense), dense)
+  return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
+
+
+def apply_broadcast(public_view: np.ndarray, payload: bytes) -> np.ndarray:
+  """What a device does with a broadcast: decode, validate, overwrite deltas.
+
+  The payload carries deltas of the public model; adding them in float32 is
+  the same operation the server performs, so the result is bit-exact.
+  """
+  update = codec.decode(payload, public_view.size)
+  view = np.array(public_view, dtype=np.float32, copy=True)
+  view[update.indices] = view[update.indices] + update.values
+  return view
+
+
+def build_sparse_distributor(
+    initial_weights_fn: tff.Computation, *, density: float,
+    value_bits: int = 32, history: int = 32) -> tff.learning.templates.DistributionProcess:
+  """A DistributionProcess that broadcasts the top-k change of the model.
+
+  Args:
+    initial_weights_fn: a no-arg TFF computation returning the initial
+      `tff.learning.models.ModelWeights` at the server (devices ship with it).
+    density: the fraction of trainable parameters broadcast each round.
+    value_bits: wire precision of values, for byte counts.
+    history: how many rounds of broadcast index sets the server keeps for
+      devices that catch up; older devices get the dense model.
+
+  The process's `next(state, global_weights@SERVER)` returns the public
+  model weights at CLIENTS and measures `bytes_broadcast` (one up-to-date
+  device's download this round) and `residual_norm` (L2 of global - public).
+  Non-trainable weights, if any, are sent dense and counted.
+  """
+  weights_type = initial_weights_fn.type_signature.result.member
+  trainable_type = weights_type.trainable
+  size = sum(int(np.prod(t.shape)) for t in tff.structure.flatten(trainable_type))
+  non_trainable_nbytes = sum(
+      int(np.prod(t.shape)) * value_bits // 8
+      for t in tff.structure.flatten(weights_type.non_trainable))
+  k = core.k_for_density(size, density)
+  state_type = _state_type(size, k, history)
+
+  @tff.tensorflow.computation(weights_type)
+  def init_state(weights):
+    return collections.OrderedDict(
+        public=core.flatten(weights.trainable),
+        round_num=tf.constant(0, tf.int32),
+        history_indices=tf.fill([history, k], -1),
+        history_rounds=tf.fill([history], -1),
+        last_indices=tf.zeros([k], tf.int32),
+        last_values=tf.zeros([k], tf.float32))
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_map(init_state, initial_weights_fn())
+
+  @tff.tensorflow.computation(state_type, weights_type)
+  def broadcast(state, weights):
+    residual = core.flatten(weights.trainable) - state.public
+    sparse, _ = core.topk_with_error_feedback(residual, k)
+    public = tf.tensor_scatter_nd_add(state.public, sparse.indices[:, None],
+                                      sparse.values)
+    round_num = state.round_num + 1
+    slot = tf.math.floormod(round_num, history)
+    new_state = collections.OrderedDict(
+        public=public,
+        round_num=round_num,
+        history_indices=tf.tensor_scatter_nd_update(
+            state.history_indices, [[slot]], sparse.indices[None]),
+        history_rounds=tf.tensor_scatter_nd_update(
+            state.history_rounds, [[slot]], [round_num]),
+        last_indices=sparse.indices,
+        last_values=sparse.values)
+    public_weights = tff.learning.models.ModelWeights(
+        trainable=core.unflatten(public, weights.trainable),
+        non_trainable=weights.non_trainable)
+    measurements = collections.OrderedDict(
+        bytes_broadcast=codec.encoded_nbytes(sparse.indices, size, value_bits)
+        + non_trainable_nbytes,
+        residual_norm=tf.norm(core.flatten(weights.trainable) - public))
+    return new_state, public_weights, measurements
+
+  @tff.federated_computation(tff.FederatedType(state_type, tff.SERVER),
+                             tff.FederatedType(weights_type, tff.SERVER))
+  def next_fn(state, weights):
+    new_state, public_weights, measurements = tff.federated_map(
+        broadcast, (state, weights))
+    return tff.templates.MeasuredProcessOutput(
+        new_state, tff.federated_broadcast(public_weights), measurements)
+
+  return tff.learning.templates.DistributionProcess(init_fn, next_fn)

@@ -1,0 +1,433 @@
+"""`build_dp_sparse_fed_avg`: bidirectional DP-sparse federated averaging.
+
+One round, in TFF's vocabulary:
+
+1. distribute: `build_sparse_distributor` broadcasts the top-k change of the
+   global model; devices reconstruct the *public* model and train from it.
+   Each device's catch-up download is counted from the broadcast history.
+2. client work: local training (DP-SGD in example-level mode), then the
+   update (initial - trained, TFF's sign) goes through `client_sparsify`:
+   top-k with the device's residual, clipped in client-level mode.
+3. aggregate: `DPSparseAggregatorFactory` (mean; server noise in client-level
+   mode).
+4. finalize: the server optimizer applies the mean to the global model.
+
+Error-feedback residuals are per-device state. The process is a
+`tff.templates.IterativeProcess` whose `next(state, client_data,
+client_states)` returns `(state, client_states, metrics)`, so the caller
+decides where device state lives (`ClientStateStore` in simulation, the
+device itself in deployment). `DPSparseFedAvg` wraps it with the privacy
+ledger, which refuses a round over budget before any work is done.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Mapping, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tf_dpsparse import core
+from tf_dpsparse import privacy as privacy_lib
+from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
+from tf_dpsparse.federated.aggregator import client_sparsify
+from tf_dpsparse.federated.aggregator import sparse_type
+from tf_dpsparse.federated.distributor import build_sparse_distributor
+from tf_dpsparse.federated.distributor import catch_up_nbytes
+
+PRIVACY_MODES = (None, 'example', 'client')
+
+
+def client_state_type(size: int) -> tff.StructType:
+  """Per-device state: the upload residual, the round it last synced, its id."""
+  return tff.StructType([
+      ('residual', tff.TensorType(np.float32, [size])),
+      ('last_sync_round', tff.TensorType(np.int32)),
+      ('client_id', tff.TensorType(np.int32)),
+  ])
+
+
+def _split_batch(batch):
+  if isinstance(batch, Mapping):
+    return batch['x'], batch['y']
+  return batch[0], batch[1]
+
+
+def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
+                         noise_multiplier, batch_size, local_steps,
+                         per_example_loss_fn, seed):
+  """The device's round as a tf.function (builds its own model, as TFF does)."""
+  model = model_fn()
+
+  @tf.function
+  def client_update(initial_weights, data, client_state, round_num):
+    weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+    trainable = tuple(weights.trainable)
+    if privacy == 'example':
+      # Fixed-size batches, `local_steps` of them: what the accountant assumes
+      # (shuffling stands in for Poisson sampling, as in TF Privacy).
+      data = data.unbatch().shuffle(1024).repeat().batch(
+          batch_size, drop_remainder=True).take(local_steps)
+    if seed is None:
+      client_seed = None
+    else:
+      client_seed = core.fold_in_seed(core.fold_in_seed(seed, round_num),
+                                      client_state.client_id)
+
+    def gradients(batch, step):
+      if privacy != 'example':
+        with tf.GradientTape() as tape:
+          output = model.forward_pass(batch, training=True)
+        return tape.gradient(output.loss, trainable), output.loss
+      x, y = _split_batch(batch)
+      with tf.GradientTape() as tape:
+        losses = per_example_loss_fn(y, model.predict_on_batch(x, training=True))
+      jacobians = tape.jacobian(losses, trainable, experimental_use_pfor=True)
+      rows = tf.concat([tf.reshape(j, [batch_size, -1]) for j in jacobians], 1)
+      step_seed = None if client_seed is None else core.fold_in_seed(
+          client_seed, step)
+      mean, _ = core.gaussian_average(rows, l2_norm_clip, noise_multiplier,
+                                      step_seed)
+      return core.unflatten(mean, trainable), tf.reduce_mean(losses)
+
+    def reduce_fn(loop_state, batch):
+      step, loss_sum, opt_state = loop_state
+      grads, loss = gradients(batch, step)
+      opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
+      tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
+      return step + 1, loss_sum + loss, opt_state
+
+    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+    steps, loss_sum, _ = data.reduce(
+        (tf.constant(0, tf.int64), tf.constant(0.0), optimizer.initialize(specs)),
+        reduce_fn)
+    update = (core.flatten(initial_weights.trainable) -
+              core.flatten(weights.trainable))
+    sparse, residual, clipped = client_sparsify(
+        update, client_state.residual, k,
+        l2_norm_clip if privacy == 'client' else None)
+    upload = collections.OrderedDict(indices=sparse.indices,
+                                     values=sparse.values)
+    new_state = collections.OrderedDict(
+        residual=residual, last_sync_round=client_state.last_sync_round,
+        client_id=client_state.client_id)
+    metrics = collections.OrderedDict(
+        loss=loss_sum / tf.maximum(tf.cast(steps, tf.float32), 1.0),
+        clipped=tf.cast(clipped, tf.float32),
+        residual_norm=tf.norm(residual))
+    return upload, new_state, metrics
+
+  return client_update
+
+
+def build_dp_sparse_fed_avg_process(
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    client_optimizer: tff.learning.optimizers.Optimizer,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    *, upload_density: float, download_density: float, privacy: Optional[str],
+    l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
+    clients_per_round: Optional[int], batch_size: Optional[int],
+    local_steps: Optional[int], per_example_loss_fn, value_bits: int,
+    history: int, seed: Optional[int]) -> tff.templates.IterativeProcess:
+  """The TFF iterative process; see `build_dp_sparse_fed_avg` for arguments."""
+  with tf.Graph().as_default():
+    model = model_fn()
+    element_type = tff.types.tensorflow_to_type(model.input_spec)
+    weights_type = tff.learning.models.weights_type_from_model(model)
+  size = sum(int(np.prod(t.shape))
+             for t in tff.structure.flatten(weights_type.trainable))
+  k_up = core.k_for_density(size, upload_density)
+  data_type = tff.SequenceType(element_type)
+  state_type = client_state_type(size)
+
+  @tff.tensorflow.computation
+  def initial_weights():
+    return tff.learning.models.ModelWeights.from_model(model_fn())
+
+  @tff.federated_computation
+  def initial_weights_fn():
+    return tff.federated_eval(initial_weights, tff.SERVER)
+
+  distributor = build_sparse_distributor(
+      initial_weights_fn, density=download_density, value_bits=value_bits,
+      history=history)
+  aggregator = DPSparseAggregatorFactory(
+      size, mode=privacy, l2_norm_clip=l2_norm_clip,
+      noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
+      value_bits=value_bits, seed=seed).create(sparse_type(k_up))
+
+  @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32)
+  def client_update(weights, data, client_state, round_num):
+    return _build_client_update(
+        model_fn, client_optimizer, privacy=privacy, k=k_up,
+        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+        batch_size=batch_size, local_steps=local_steps,
+        per_example_loss_fn=per_example_loss_fn, seed=seed)(
+            weights, data, client_state, round_num)
+
+  dist_state_type = distributor.state_type.member
+
+  @tff.tensorflow.computation(dist_state_type, state_type)
+  def download(dist_state, client_state):
+    nbytes = catch_up_nbytes(dist_state.history_indices,
+                             dist_state.history_rounds,
+                             client_state.last_sync_round,
+                             dist_state.round_num, size, value_bits)
+    synced = collections.OrderedDict(
+        residual=client_state.residual,
+        last_sync_round=dist_state.round_num,
+        client_id=client_state.client_id)
+    return synced, nbytes
+
+  @tff.tensorflow.computation
+  def server_init():
+    weights = tff.learning.models.ModelWeights.from_model(model_fn())
+    specs = tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights.trainable)
+    return collections.OrderedDict(
+        global_weights=weights,
+        optimizer_state=server_optimizer.initialize(specs))
+
+  server_type = server_init.type_signature.result
+
+  @tff.tensorflow.computation(server_type, tff.TensorType(np.float32, [size]))
+  def server_update(server, mean_update):
+    weights = server['global_weights']
+    trainable = tuple(weights.trainable)
+    gradient = tuple(core.unflatten(mean_update, trainable))
+    opt_state, updated = server_optimizer.next(server['optimizer_state'],
+                                               trainable, gradient)
+    return collections.OrderedDict(
+        global_weights=tff.learning.models.ModelWeights(
+            trainable=list(updated), non_trainable=weights.non_trainable),
+        optimizer_state=opt_state)
+
+  @tff.tensorflow.computation(np.float32, np.int32)
+  def safe_mean(total, count):
+    return total / tf.maximum(tf.cast(count, tf.float32), 1.0)
+
+  @tff.tensorflow.computation
+  def one():
+    return np.int32(1)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_zip(collections.OrderedDict(
+        server=tff.federated_eval(server_init, tff.SERVER),
+        distributor=distributor.initialize(),
+        aggregator=aggregator.initialize()))
+
+  @tff.tensorflow.computation(dist_state_type)
+  def round_of(dist_state):
+    return dist_state.round_num
+
+  @tff.federated_computation(init_fn.type_signature.result,
+                             tff.FederatedType(data_type, tff.CLIENTS),
+                             tff.FederatedType(state_type, tff.CLIENTS))
+  def next_fn(state, client_data, client_states):
+    server_weights = tff.federated_map(
+        _field('global_weights', server_type), state.server)
+    distributed = distributor.next(state.distributor, server_weights)
+    client_states, download_nbytes = tff.federated_map(
+        download, (tff.federated_broadcast(distributed.state), client_states))
+    round_num = tff.federated_broadcast(
+        tff.federated_map(round_of, distributed.state))
+    uploads, client_states, client_metrics = tff.federated_map(
+        client_update,
+        (distributed.result, client_data, client_states, round_num))
+    aggregated = aggregator.next(state.aggregator, uploads)
+    server = tff.federated_map(server_update, (state.server, aggregated.result))
+    count = tff.federated_sum(tff.federated_value(one(), tff.CLIENTS))
+
+    def mean_of(name):
+      return tff.federated_map(safe_mean, (
+          tff.federated_sum(client_metrics[name]), count))
+
+    metrics = tff.federated_zip(collections.OrderedDict(
+        loss=mean_of('loss'),
+        clipped_fraction=mean_of('clipped'),
+        upload_residual_norm=mean_of('residual_norm'),
+        bytes_up=aggregated.measurements.bytes_up,
+        bytes_down=tff.federated_sum(download_nbytes),
+        bytes_broadcast=distributed.measurements.bytes_broadcast,
+        server_residual_norm=distributed.measurements.residual_norm,
+        num_clients=count))
+    new_state = tff.federated_zip(collections.OrderedDict(
+        server=server, distributor=distributed.state,
+        aggregator=aggregated.state))
+    return new_state, client_states, metrics
+
+  return tff.templates.IterativeProcess(init_fn, next_fn,
+                                        next_is_multi_arg=True)
+
+
+def _field(name, struct_type):
+  @tff.tensorflow.computation(struct_type)
+  def get(value):
+    return value[name]
+  return get
+
+
+class RoundOutput(NamedTuple):
+  state: object
+  client_states: list
+  metrics: dict
+
+
+class DPSparseFedAvg:
+  """A DP-sparse FedAvg learning process with its privacy ledger.
+
+  `initialize()`, `next(state, client_data, client_states)` and
+  `get_model_weights(state)`, plus `initial_client_state(client_id)` for new
+  devices. `next` records the round's DpEvent in `ledger` first and raises
+  `tds.privacy.BudgetExhaustedError` (doing no work) past the budget.
+  """
+
+  def __init__(self, process, *, size, upload_k, download_k, privacy,
+               noise_multiplier, round_event, ledger):
+    self.iterative_process = process
+    self.size = size
+    self.upload_k = upload_k
+    self.download_k = download_k
+    self.privacy = privacy
+    self.noise_multiplier = noise_multiplier
+    self.round_event = round_event
+    self.ledger = ledger
+
+  def initialize(self):
+    return self.iterative_process.initialize()
+
+  def initial_client_state(self, client_id: int):
+    """A device that ships with the initial model and an empty residual."""
+    return collections.OrderedDict(
+        residual=np.zeros(self.size, np.float32),
+        last_sync_round=np.int32(0), client_id=np.int32(client_id))
+
+  def next(self, state, client_data, client_states) -> RoundOutput:
+    if len(client_data) != len(client_states):
+      raise ValueError(f'{len(client_data)} client datasets but '
+                       f'{len(client_states)} client states.')
+    if self.ledger is not None:
+      self.ledger.record(self.round_event)  # raises before any work
+    state, client_states, metrics = self.iterative_process.next(
+        state, client_data, client_states)
+    metrics = dict(metrics)
+    metrics['epsilon'] = 0.0 if self.ledger is None else self.ledger.epsilon
+    metrics['dense_bytes_up'] = metrics['dense_bytes_down'] = (
+        int(metrics['num_clients']) * self.size * 4)
+    return RoundOutput(state, list(client_states), metrics)
+
+  @staticmethod
+  def get_model_weights(state):
+    return state['server']['global_weights']
+
+
+def build_dp_sparse_fed_avg(
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    client_optimizer_fn: tff.learning.optimizers.Optimizer,
+    server_optimizer_fn: Optional[tff.learning.optimizers.Optimizer] = None,
+    *,
+    upload_density: float,
+    download_density: float,
+    privacy: Optional[str],
+    l2_norm_clip: Optional[float] = None,
+    noise_multiplier: Optional[float] = None,
+    target_epsilon: Optional[float] = None,
+    delta: float = 1e-5,
+    clients_per_round: Optional[int] = None,
+    total_clients: Optional[int] = None,
+    rounds: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    local_steps: Optional[int] = None,
+    min_client_examples: Optional[int] = None,
+    per_example_loss_fn=None,
+    value_bits: int = 32,
+    history: int = 32,
+    accountant: str = 'rdp',
+    seed: Optional[int] = None) -> DPSparseFedAvg:
+  """Builds bidirectional top-k federated averaging, DP at example or client level.
+
+  Args:
+    model_fn: no-arg callable returning a `tff.learning.models.VariableModel`
+      (e.g. `tff.learning.models.from_keras_model`), built from scratch.
+    client_optimizer_fn, server_optimizer_fn: `tff.learning.optimizers`
+      optimizers (server default: SGD with learning rate 1, i.e. FedAvg).
+    upload_density, download_density: fraction of parameters sent each way.
+    privacy: None, 'example' (local DP-SGD on each device: per-example
+      clipping to `l2_norm_clip` and noise; needs `batch_size`, `local_steps`,
+      `min_client_examples`) or 'client' (DP-FedAvg: sent update clipped to
+      `l2_norm_clip`, server noise; needs `clients_per_round`,
+      `total_clients`, and clients sampled by Poisson sampling at rate
+      clients_per_round / total_clients, which the accountant assumes).
+    noise_multiplier / target_epsilon: give one; with `target_epsilon` the
+      noise is calibrated (`tds.privacy`) for `rounds` rounds at `delta` and
+      the ledger's budget is `target_epsilon`.
+    per_example_loss_fn: (y_true, y_pred) -> per-example losses, for example
+      mode; default sparse categorical cross-entropy on logits.
+    value_bits: 32 or 16, the wire precision of values (byte counts).
+    history: broadcast rounds kept for devices catching up.
+    seed: fixes all noise (tests); OS entropy when None.
+
+  Example-level accounting is per device, worst case: it assumes a device
+  takes part in every round with sampling rate batch_size /
+  min_client_examples for `local_steps` steps per round.
+  """
+  if privacy not in PRIVACY_MODES:
+    raise ValueError(f'privacy must be one of {PRIVACY_MODES}, got {privacy!r}.')
+  for name, density in (('upload_density', upload_density),
+                        ('download_density', download_density)):
+    if not 0 < density <= 1:
+      raise ValueError(f'{name} must be in (0, 1], got {density}.')
+  if server_optimizer_fn is None:
+    server_optimizer_fn = tff.learning.optimizers.build_sgdm(learning_rate=1.0)
+  round_event, ledger = None, None
+  if privacy is not None:
+    if l2_norm_clip is None or not l2_norm_clip > 0:
+      raise ValueError(f'privacy={privacy!r} needs l2_norm_clip > 0.')
+    if privacy == 'example':
+      for name, value in (('batch_size', batch_size),
+                          ('local_steps', local_steps),
+                          ('min_client_examples', min_client_examples)):
+        if value is None or value < 1:
+          raise ValueError(f"privacy='example' needs {name} >= 1.")
+      if min_client_examples < batch_size:
+        raise ValueError('every client needs at least batch_size examples.')
+      rate, steps_per_round = batch_size / min_client_examples, local_steps
+    else:
+      if not clients_per_round or not total_clients:
+        raise ValueError("privacy='client' needs clients_per_round and "
+                         'total_clients.')
+      if clients_per_round > total_clients:
+        raise ValueError('clients_per_round exceeds total_clients.')
+      rate, steps_per_round = clients_per_round / total_clients, 1
+    if (noise_multiplier is None) == (target_epsilon is None):
+      raise ValueError('give exactly one of noise_multiplier and target_epsilon.')
+    if target_epsilon is not None:
+      if not rounds:
+        raise ValueError('target_epsilon needs rounds to calibrate for.')
+      noise_multiplier = privacy_lib.calibrate_noise_multiplier(
+          target_epsilon, delta, rate, rounds * steps_per_round, accountant)
+    elif noise_multiplier < 0:
+      raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+    round_event = privacy_lib.sampled_gaussian_event(noise_multiplier, rate,
+                                                     steps_per_round)
+    ledger = privacy_lib.PrivacyLedger(delta, target_epsilon, accountant)
+  if per_example_loss_fn is None:
+    per_example_loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+  process = build_dp_sparse_fed_avg_process(
+      model_fn, client_optimizer_fn, server_optimizer_fn,
+      upload_density=upload_density, download_density=download_density,
+      privacy=privacy, l2_norm_clip=l2_norm_clip,
+      noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
+      batch_size=batch_size, local_steps=local_steps,
+      per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
+      history=history, seed=seed)
+  size = process.next.type_signature.parameter[2].member.residual.shape[0]
+  return DPSparseFedAvg(
+      process, size=size, upload_k=core.k_for_density(size, upload_density),
+      download_k=core.k_for_density(size, download_density), privacy=privacy,
+      noise_multiplier=noise_multiplier, round_event=round_event,
+      ledger=ledger)
