@@ -1,8 +1,12 @@
 """Shared test configuration: slow marker, and no TFF worker left behind."""
 
-import pytest
+import os
 
-from tf_dpsparse import _workers
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from tf_dpsparse import _workers  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -20,9 +24,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  """Fails the session if a TFF worker started by the tests is still alive."""
-  leftover = _workers.worker_pids()
-  if leftover:
-    _workers.stop_workers()
+  """Stops the TFF worker the tests started; fails if one cannot be stopped.
+
+  (That the package stops it by itself at exit is tested in a subprocess,
+  test_package.py, where pipes would hang on an orphan.)
+  """
+  if not _workers.stop_workers():
     session.exitstatus = 1
-    print(f'\nFAILED: TFF worker_binary processes outlived the tests: {leftover}')
+    print('\nFAILED: TFF worker_binary processes outlived the tests: '
+          f'{_workers.worker_pids()}')
