@@ -65,6 +65,20 @@ def test_index_code_within_ten_percent_of_entropy_bound():
   assert len(payload) * 8 <= 1.10 * tds.codec.entropy_bound_bits(size, k, 32)
 
 
+def test_dense_update_costs_values_and_header_only():
+  dense = _random_update(1000, 1000)
+  payload = tds.codec.encode(dense)
+  assert len(payload) == 4 + 2 + 2 + 4 * 1000  # magic+version+flags, 2 varints
+  np.testing.assert_array_equal(tds.codec.decode(payload, 1000).indices,
+                                np.arange(1000))
+  with pytest.raises(ValueError, match='k == size'):
+    tds.codec.encode(_random_update(1000, 999), index_coding='all')
+  forged = bytearray(tds.codec.encode(_random_update(1000, 999), index_coding='raw'))
+  forged[3] = 3 << 2  # claims 'all' with k=999
+  with pytest.raises(DecodeError, match="'all' needs k == size"):
+    tds.codec.decode(bytes(forged), 1000)
+
+
 def test_auto_chooses_the_shorter_index_code():
   dense_ish = _random_update(4000, 2000)
   sparse = _random_update(4000, 20)
@@ -206,10 +220,11 @@ def test_non_bytes_payload():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(['rice', 'bitmap', 'raw']), st.data())
+@given(st.sampled_from(['rice', 'bitmap', 'raw', 'all']), st.data())
 def test_fuzzed_payloads_raise_only_decode_error(coding, data):
   """Random corruption either decodes to a valid update or raises DecodeError."""
-  payload = bytearray(_payload(coding, k=data.draw(st.integers(0, 40))))
+  k = SIZE if coding == 'all' else data.draw(st.integers(0, 40))
+  payload = bytearray(_payload(coding, k=k))
   for _ in range(data.draw(st.integers(1, 4))):
     pos = data.draw(st.integers(0, len(payload) - 1))
     payload[pos] = data.draw(st.integers(0, 255))

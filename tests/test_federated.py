@@ -167,8 +167,9 @@ def test_catch_up_bytes_union_or_dense():
   assert nbytes(1) == tds.codec.dense_nbytes(size)  # round 2 fell out
 
 
-def test_upload_bytes_equal_encoded_payloads():
-  size, k = 500, 12
+@pytest.mark.parametrize('k', [12, 500])  # sparse (Rice), dense ('all')
+def test_upload_bytes_equal_encoded_payloads(k):
+  size = 500
   rng = np.random.default_rng(1)
   uploads = [collections.OrderedDict(
       indices=rng.choice(size, k, replace=False).astype(np.int32),

@@ -84,3 +84,27 @@ def test_cli_help():
         assert e.code == 0
   """)
   assert 'tf-dpsparse' in out and 'calibrate' in out
+
+
+def test_run_command_writes_results_and_leaves_no_worker(tmp_path):
+  """`tf-dpsparse run` end to end on digits (tiny), with piped output."""
+  out_dir = tmp_path / 'run'
+  _python(f"""
+      import sys
+      from tf_dpsparse import cli
+      sys.exit(cli.main(['run', '--dataset', 'digits', '--num-clients', '10',
+                         '--clients-per-round', '5', '--rounds', '2',
+                         '--privacy', 'example', '--target-epsilon', '4',
+                         '--local-steps', '2', '--baseline', '--no-progress',
+                         '--out', {str(out_dir)!r}]))
+  """, timeout=600)
+  import json
+  results = json.loads((out_dir / 'rounds.json').read_text())
+  assert [r['label'] for r in results][1] == 'dense (same privacy)'
+  sparse, dense = results
+  assert len(sparse['rounds']) == 2
+  assert sparse['summary']['epsilon'] <= 4.0
+  assert sparse['summary']['percent_of_dense'] < 100
+  assert 100 <= dense['summary']['percent_of_dense'] < 100.1  # + headers
+  assert (out_dir / 'accuracy.png').stat().st_size > 1000
+  assert '| run |' in (out_dir / 'summary.md').read_text()

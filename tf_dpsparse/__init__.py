@@ -7,10 +7,15 @@ Federated, which is slow to import and starts a worker process, so
 """
 
 import importlib
+import os
 
-from tf_dpsparse import codec
-from tf_dpsparse import core
-from tf_dpsparse import privacy
+# TF's C++ INFO lines (grappler, CPU features) drown progress bars; a user
+# who wants them sets TF_CPP_MIN_LOG_LEVEL themselves.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from tf_dpsparse import codec  # noqa: E402
+from tf_dpsparse import core  # noqa: E402
+from tf_dpsparse import privacy  # noqa: E402
 
 __version__ = '0.1.0'
 

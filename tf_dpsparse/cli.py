@@ -28,6 +28,99 @@ def _calibrate(args) -> int:
   return 0
 
 
+def _run(args) -> int:
+  from tf_dpsparse.federated import simulation
+  defaults = simulation.RunConfig()
+  privacy = None if args.privacy == 'none' else args.privacy
+  noise = args.noise_multiplier
+  target = args.target_epsilon
+  if noise is not None:
+    target = None
+  elif target is None:
+    target = defaults.target_epsilon
+  config = simulation.RunConfig(
+      dataset=args.dataset, rounds=args.rounds,
+      clients_per_round=args.clients_per_round, num_clients=args.num_clients,
+      partition=args.partition, alpha=args.alpha,
+      upload_density=args.upload_density, download_density=args.download_density,
+      privacy=privacy, target_epsilon=target, noise_multiplier=noise,
+      l2_norm_clip=args.l2_norm_clip, delta=args.delta,
+      batch_size=args.batch_size, local_steps=args.local_steps,
+      client_learning_rate=args.client_lr,
+      server_learning_rate=args.server_lr, value_bits=args.value_bits,
+      seed=args.seed)
+  progress = not args.no_progress
+  results = [simulation.run(config, progress=progress, label=(
+      f'dp-sparse ↑{config.upload_density:g} ↓{config.download_density:g}'))]
+  if args.baseline:
+    results.append(simulation.run(config.dense(), progress=progress,
+                                  label='dense (same privacy)'))
+  paths = simulation.save(results, args.out)
+  print()
+  print(simulation.summary_table(results))
+  print(f'\nwrote {paths["rounds.json"]}, {paths["summary.md"]}, '
+        f'{paths["accuracy.png"]}')
+  return 0
+
+
+def _add_run(sub) -> None:
+  run = sub.add_parser(
+      'run', help='the main job: DP-sparse federated training on real data',
+      description='Federated training with DP uploads and top-k sparse '
+      'updates in both directions; writes rounds.json, summary.md and '
+      'accuracy.png to --out.')
+  run.add_argument('--dataset', default='hapt',
+                   choices=('hapt', 'digits', 'mnist', 'fashion_mnist'))
+  run.add_argument('--rounds', type=int, default=30)
+  run.add_argument('--clients-per-round', type=int, default=None,
+                   help='devices per round (expected number under Poisson '
+                   'sampling for --privacy client); default: all')
+  run.add_argument('--num-clients', type=int, default=None,
+                   help='image datasets: devices to partition into (default 100)')
+  run.add_argument('--partition', choices=('iid', 'dirichlet'),
+                   default='dirichlet', help='image datasets only')
+  run.add_argument('--alpha', type=float, default=0.5,
+                   help='Dirichlet label-skew concentration')
+  run.add_argument('--upload-density', type=float, default=0.01)
+  run.add_argument('--download-density', type=float, default=0.01)
+  run.add_argument('--privacy', choices=('example', 'client', 'none'),
+                   default='example',
+                   help='example: local DP-SGD on each device (untrusted '
+                   'server); client: DP-FedAvg (trusted aggregator); none')
+  run.add_argument('--target-epsilon', type=float, default=None,
+                   help='calibrate the noise to spend this ε over --rounds '
+                   '(default 8 unless --noise-multiplier is given)')
+  run.add_argument('--noise-multiplier', type=float, default=None)
+  run.add_argument('--l2-norm-clip', type=float, default=1.0)
+  run.add_argument('--delta', type=float, default=1e-5)
+  run.add_argument('--batch-size', type=int, default=16)
+  run.add_argument('--local-steps', type=int, default=5,
+                   help='local SGD / DP-SGD steps per device per round')
+  run.add_argument('--client-lr', type=float, default=0.1)
+  run.add_argument('--server-lr', type=float, default=1.0)
+  run.add_argument('--value-bits', type=int, choices=(32, 16), default=32)
+  run.add_argument('--seed', type=int, default=0,
+                   help='data split, sampling and init (noise stays random)')
+  run.add_argument('--baseline', action='store_true',
+                   help='also run the same job at densities 1.0')
+  run.add_argument('--out', default='runs/latest', help='output directory')
+  run.add_argument('--no-progress', action='store_true')
+  run.set_defaults(func=_run)
+
+
+def _data(args) -> int:
+  from tf_dpsparse import data
+  try:
+    fd = data.load(args.name, num_clients=args.num_clients,
+                   partition=args.partition, alpha=args.alpha, seed=args.seed,
+                   test_users=args.test_users)
+  except data.MissingDataError as e:
+    print(f'tf-dpsparse data: error: {e}', file=sys.stderr)
+    return 2
+  print(fd.summary())
+  return 0
+
+
 def _add_schedule(parser) -> None:
   parser.add_argument('--sampling-rate', '-q', type=float, required=True,
                       help='Poisson sampling rate per step (batch/dataset, or '
@@ -43,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog='tf-dpsparse',
       description='Differentially private, top-k sparse federated learning.')
   sub = parser.add_subparsers(dest='command', required=True)
+  _add_run(sub)
 
   eps = sub.add_parser('epsilon', help='ε of a sampled-Gaussian schedule')
   eps.add_argument('--noise-multiplier', '-z', type=float, required=True)
@@ -54,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument('--target-epsilon', '-e', type=float, required=True)
   _add_schedule(cal)
   cal.set_defaults(func=_calibrate)
+
+  data = sub.add_parser(
+      'data', help='load a shipped data set and summarize its clients')
+  data.add_argument('name', help="'digits', 'mnist', 'fashion_mnist' or 'hapt'")
+  data.add_argument('--partition', choices=('natural', 'iid', 'dirichlet'),
+                    help="default: 'natural' for hapt (its users), else 'iid'")
+  data.add_argument('--num-clients', '-n', type=int,
+                    help='clients of an iid or dirichlet partition')
+  data.add_argument('--alpha', type=float, default=0.5,
+                    help='Dirichlet concentration (default 0.5)')
+  data.add_argument('--seed', type=int, default=0)
+  data.add_argument('--test-users', type=int,
+                    help='hapt: hold out this many users as the test set '
+                    '(default: a per-user split)')
+  data.set_defaults(func=_data)
   return parser
 
 

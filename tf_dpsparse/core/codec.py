@@ -14,7 +14,8 @@ index set (the encoder computes both sizes exactly):
   bound log2 C(size, k).
 * A bitmap of `size` bits, shorter once the density exceeds roughly 1/8.
 
-A third index code, raw little-endian uint32, is never chosen by `encode`'s
+When k == size the index set is implied ('all', zero bytes): a dense update
+costs its values plus the header. A fourth index code, raw little-endian uint32, is never chosen by `encode`'s
 default but can be requested (`index_coding='raw'`): it is what the simplest
 device firmware emits. Values follow in index order as little-endian float32
 or float16.
@@ -38,7 +39,7 @@ MAGIC = b'DS'
 VERSION = 1
 _VALUE_DTYPES = {32: np.dtype('<f4'), 16: np.dtype('<f2')}
 _VALUE_CODE = {32: 0, 16: 1}
-_INDEX_CODES = {'rice': 0, 'bitmap': 1, 'raw': 2}
+_INDEX_CODES = {'rice': 0, 'bitmap': 1, 'raw': 2, 'all': 3}
 _MAX_RICE_PARAMETER = 31
 _MAX_VARINT_BYTES = 9
 
@@ -208,7 +209,14 @@ def _decode_raw(payload: bytes, pos: int, size: int, k: int):
   return indices, pos
 
 
-_DECODERS = {0: _decode_rice, 1: _decode_bitmap, 2: _decode_raw}
+def _decode_all(payload: bytes, pos: int, size: int, k: int):
+  if k != size:
+    raise DecodeError(f"index code 'all' needs k == size, got k={k}.")
+  return np.arange(size, dtype=np.int64), pos
+
+
+_DECODERS = {0: _decode_rice, 1: _decode_bitmap, 2: _decode_raw,
+             3: _decode_all}
 
 
 # ----------------------------------------------------------------- public ---
@@ -219,8 +227,8 @@ def encode(sparse: SparseUpdate,
            index_coding: str = 'auto') -> bytes:
   """Serializes a `SparseUpdate` (tensors or arrays) to bytes.
 
-  `index_coding` is 'auto' (the shorter of 'rice' and 'bitmap'), or one of
-  'rice', 'bitmap', 'raw'. Raises `ValueError` for an update that is not
+  `index_coding` is 'auto' ('all' when k == size, else the shorter of
+  'rice' and 'bitmap'), or one of 'rice', 'bitmap', 'raw', 'all'. Raises `ValueError` for an update that is not
   valid (indices out of range or repeated, non-finite values, or values that
   overflow float16): a device must not upload what a server would reject.
   """
@@ -247,7 +255,11 @@ def encode(sparse: SparseUpdate,
   if not np.isfinite(wire_values).all():
     raise ValueError(
         f'values must be finite in float{value_bits} (NaN, Inf or overflow).')
-  if index_coding == 'auto':
+  if index_coding == 'all' and indices.size != size:
+    raise ValueError("index_coding='all' needs k == size.")
+  if index_coding == 'auto' and indices.size == size:
+    index_coding = 'all'
+  elif index_coding == 'auto':
     bitmap_nbytes = math.ceil(size / 8)
     index_coding = ('bitmap' if bitmap_nbytes < _rice_nbytes(indices)
                     else 'rice')
@@ -255,8 +267,10 @@ def encode(sparse: SparseUpdate,
     index_section = _encode_rice(indices)
   elif index_coding == 'bitmap':
     index_section = _encode_bitmap(indices, size)
-  else:
+  elif index_coding == 'raw':
     index_section = _encode_raw(indices)
+  else:
+    index_section = b''
   flags = _VALUE_CODE[value_bits] | (_INDEX_CODES[index_coding] << 2)
   header = (MAGIC + bytes([VERSION, flags]) + _put_varint(size) +
             _put_varint(indices.size))
@@ -341,5 +355,7 @@ def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Te
           unary_nbytes)
   bitmap = tf.constant((size + 7) // 8, tf.int64)
   header = len(MAGIC) + 2 + len(_put_varint(size)) + _varint_nbytes_tf(k)
-  return (header + tf.where(bitmap < rice, bitmap, rice) +
-          k * _VALUE_DTYPES[value_bits].itemsize)
+  # tf.equal, not ==: graph-mode tensors (TFF) compare by identity.
+  index_nbytes = tf.where(tf.equal(k, size), tf.constant(0, tf.int64),
+                          tf.minimum(bitmap, rice))
+  return header + index_nbytes + k * _VALUE_DTYPES[value_bits].itemsize
