@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv fashion-mnist test test-all demo bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) fashion-mnist
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist. Installed where we
+# can (root with apt-get); elsewhere only that data set is missing, so say how
+# to get it and go on: tds.data.load('fashion_mnist') then explains too.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+	  echo 'warning: apt-get could not install dataset-fashion-mnist;' \
+	    "tds.data.load('fashion_mnist') will be unavailable"; \
+	else \
+	  echo "skipping Fashion-MNIST: needs root and apt-get" \
+	    "(apt-get install dataset-fashion-mnist)"; \
+	fi
 
 test: venv
 	$(PY) -m pytest
