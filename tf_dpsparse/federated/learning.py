@@ -319,6 +319,15 @@ class DPSparseFedAvg:
         int(metrics['num_clients']) * self.size * 4)
     return RoundOutput(state, list(client_states), metrics)
 
+  def skip_round(self) -> None:
+    """Accounts for a round whose Poisson sample was empty.
+
+    Nothing is released, but the accountant's sampled-Gaussian event assumes
+    every round happens, so the round is still charged (conservative).
+    """
+    if self.ledger is not None:
+      self.ledger.record(self.round_event)
+
   @staticmethod
   def get_model_weights(state):
     return state['server']['global_weights']

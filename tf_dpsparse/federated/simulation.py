@@ -69,8 +69,7 @@ def _client_dataset(fed, client_id, config, rng):
   ds = fed.client_dataset(client_id)
   if config.privacy == 'example':  # the process re-batches for accounting
     return ds.batch(config.batch_size)
-  n = len(fed.client_arrays(client_id)[1])
-  return ds.shuffle(n, seed=int(rng.integers(2**31))).repeat().batch(
+  return ds.shuffle(fed.client_sizes[client_id], seed=int(rng.integers(2**31))).repeat().batch(
       config.batch_size).take(config.local_steps)
 
 
@@ -86,7 +85,7 @@ def run(config: RunConfig, *, progress: bool = True,
                      f'{total} clients.')
   x_test, y_test = fed.test_arrays()
   input_shape = fed.element_spec[0].shape
-  min_examples = min(len(fed.client_arrays(c)[1]) for c in client_ids)
+  min_examples = min(fed.client_sizes.values())
 
   def keras_model():
     return models.build_model(input_shape, fed.num_classes, seed=config.seed)
@@ -135,6 +134,11 @@ def run(config: RunConfig, *, progress: bool = True,
     else:
       sampled = data_lib.sample_clients(client_ids, rng=rng,
                                         clients_per_round=per_round)
+    if not sampled:  # Poisson sampling drew nobody: nothing is released
+      process.skip_round()
+      if bar is not None:
+        bar.update(1)
+      continue
     indices = [client_ids.index(c) for c in sampled]
     start = time.perf_counter()
     out = process.next(
@@ -173,7 +177,8 @@ def run(config: RunConfig, *, progress: bool = True,
   total_bytes = cumulative['up'] + cumulative['down']
   summary = {
       'final_accuracy': rounds[-1]['accuracy'],
-      'epsilon': rounds[-1]['epsilon'], 'delta': config.delta,
+      'epsilon': 0.0 if process.ledger is None else process.ledger.epsilon,
+      'delta': config.delta,
       'noise_multiplier': process.noise_multiplier,
       'mb_up': cumulative['up'] / 1e6, 'mb_down': cumulative['down'] / 1e6,
       'dense_mb': cumulative['dense'] / 1e6,
