@@ -158,3 +158,19 @@ def test_gaussian_average_noise_scale():
   n, d, z, clip = 8, 200_000, 1.3, 0.5
   mean, _ = tds.core.gaussian_average(tf.zeros([n, d]), clip, z, seed=3)
   assert np.std(mean.numpy()) == pytest.approx(z * clip / n, rel=0.02)
+
+
+def test_upload_error_feedback_conserves_and_clips():
+  """The client-level upload: sent norm <= clip, nothing lost over rounds."""
+  rng = np.random.default_rng(0)
+  residual = tf.zeros([300])
+  sent_total, update_total = np.zeros(300), np.zeros(300)
+  for _ in range(15):
+    update = rng.normal(size=300).astype(np.float32)
+    sparse, residual, _ = tds.core.clipped_topk_with_error_feedback(
+        update, 10, residual, 0.5)
+    assert np.linalg.norm(sparse.values.numpy()) <= 0.5 * (1 + 1e-6)
+    sent_total += tds.core.densify(sparse).numpy()
+    update_total += update
+  np.testing.assert_allclose(sent_total + residual.numpy(), update_total,
+                             atol=1e-4)

@@ -5,6 +5,7 @@ from tf_dpsparse.core.transforms import SparseUpdate
 from tf_dpsparse.core.transforms import add_gaussian_noise
 from tf_dpsparse.core.transforms import clip_by_l2_norm
 from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
+from tf_dpsparse.core.transforms import clipped_topk_with_error_feedback
 from tf_dpsparse.core.transforms import densify
 from tf_dpsparse.core.transforms import flatten
 from tf_dpsparse.core.transforms import fold_in_seed
@@ -15,7 +16,7 @@ from tf_dpsparse.core.transforms import unflatten
 
 __all__ = [
     'SparseUpdate', 'add_gaussian_noise', 'clip_by_l2_norm',
-    'clip_rows_by_l2_norm', 'codec', 'densify', 'flatten', 'fold_in_seed',
+    'clip_rows_by_l2_norm', 'clipped_topk_with_error_feedback', 'codec', 'densify', 'flatten', 'fold_in_seed',
     'gaussian_average', 'k_for_density',
     'topk_with_error_feedback', 'unflatten'
 ]

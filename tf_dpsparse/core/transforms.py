@@ -197,6 +197,28 @@ def topk_with_error_feedback(
   return SparseUpdate(indices, values, size), new_residual
 
 
+def clipped_topk_with_error_feedback(
+    flat: tf.Tensor, k, residual: Optional[tf.Tensor],
+    l2_norm_clip=None) -> Tuple[SparseUpdate, tf.Tensor, tf.Tensor]:
+  """Top-k of `flat + residual`, then the *sent* values clipped to `l2_norm_clip`.
+
+  This is the device side of a client-level DP upload. Clipping what is sent,
+  not the update before error feedback, is what bounds each round's
+  sensitivity: the residual carries earlier rounds' data, so `clip(update) +
+  residual` could exceed the clip. What clipping removes goes back into the
+  residual (it stays on the device), so nothing is lost:
+  `densify(sent) + new_residual == flat + residual` up to float rounding.
+  With `l2_norm_clip=None` this is `topk_with_error_feedback`.
+  Returns `(sent, new_residual, was_clipped)`.
+  """
+  sparse, new_residual = topk_with_error_feedback(flat, k, residual)
+  if l2_norm_clip is None:
+    return sparse, new_residual, tf.constant(False)
+  values, norm = clip_by_l2_norm(sparse.values, l2_norm_clip)
+  new_residual += densify(sparse._replace(values=sparse.values - values))
+  return sparse._replace(values=values), new_residual, norm > l2_norm_clip
+
+
 def densify(sparse: SparseUpdate) -> tf.Tensor:
   """The dense float32[size] vector a `SparseUpdate` stands for."""
   indices = tf.convert_to_tensor(sparse.indices, tf.int32)

@@ -8,7 +8,6 @@ import tensorflow_federated as tff  # noqa: F401  (the front's dependency)
 
 from tf_dpsparse import _workers
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
-from tf_dpsparse.federated.aggregator import client_sparsify
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.client_states import ClientStateStore
 from tf_dpsparse.federated.distributor import apply_broadcast
@@ -22,5 +21,5 @@ _workers.install()
 __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
     'apply_broadcast', 'build_dp_sparse_fed_avg', 'build_sparse_distributor',
-    'catch_up_nbytes', 'client_sparsify', 'sparse_type'
+    'catch_up_nbytes', 'sparse_type'
 ]

@@ -5,9 +5,9 @@ Each device uploads a `SparseUpdate` (k indices and values of a flat update of
 sums, averages and, in client-level DP mode, adds Gaussian noise at the
 server, reporting the exact upload bytes (the codec's size of every payload).
 
-Client-side clipping and top-k with the device's residual happen on the
-device (`client_sparsify`): a TFF aggregation process cannot return per-client
-state, and the residual must never leave the device.
+Client-side top-k with the device's residual and clipping happen on the
+device (`core.clipped_topk_with_error_feedback`): a TFF aggregation process
+cannot return per-client state, and the residual must never leave the device.
 
 Privacy (client-level mode): the sum's sensitivity is `l2_norm_clip` because
 every device clips the sparse update it sends; the noise N(0, (z * C)^2) is
@@ -28,33 +28,14 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dpsparse import core
+from tf_dpsparse import privacy
 from tf_dpsparse.core import codec
-
-MODES = (None, 'example', 'client')
 
 
 def sparse_type(k: int) -> tff.StructType:
   """The TFF type of one upload: k int32 indices and k float32 values."""
   return tff.StructType([('indices', tff.TensorType(np.int32, [k])),
                          ('values', tff.TensorType(np.float32, [k]))])
-
-
-def client_sparsify(update: tf.Tensor, residual: tf.Tensor, k: int,
-                    l2_norm_clip: Optional[float] = None):
-  """Device side of the upload: top-k of update + residual, then clip.
-
-  Clipping the *sent* vector (not the update before error feedback) is what
-  bounds the per-round sensitivity by `l2_norm_clip`: the residual carries
-  past rounds' data, so `clip(update) + residual` could exceed the clip.
-  What clipping removes goes back into the residual, which stays on the
-  device, so nothing is lost. Returns `(sparse, new_residual, was_clipped)`.
-  """
-  sparse, new_residual = core.topk_with_error_feedback(update, k, residual)
-  if l2_norm_clip is None:
-    return sparse, new_residual, tf.constant(False)
-  values, norm = core.clip_by_l2_norm(sparse.values, l2_norm_clip)
-  new_residual += core.densify(sparse._replace(values=sparse.values - values))
-  return sparse._replace(values=values), new_residual, norm > l2_norm_clip
 
 
 class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
@@ -75,15 +56,9 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
                noise_multiplier: Optional[float] = None,
                clients_per_round: Optional[int] = None,
                value_bits: int = 32, seed: Optional[int] = None):
-    if mode not in MODES:
-      raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
-    if mode == 'client':
-      for name, value in (('l2_norm_clip', l2_norm_clip),
-                          ('noise_multiplier', noise_multiplier),
-                          ('clients_per_round', clients_per_round)):
-        if value is None or value < 0 or (name != 'noise_multiplier' and
-                                          value == 0):
-          raise ValueError(f'client-level DP needs {name} > 0, got {value}.')
+    privacy.check_privacy_mode(mode, l2_norm_clip=l2_norm_clip,
+                               noise_multiplier=noise_multiplier,
+                               clients_per_round=clients_per_round)
     self._size = int(size)
     self._mode = mode
     self._clip = l2_norm_clip

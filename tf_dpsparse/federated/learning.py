@@ -6,8 +6,9 @@ One round, in TFF's vocabulary:
    global model; devices reconstruct the *public* model and train from it.
    Each device's catch-up download is counted from the broadcast history.
 2. client work: local training (DP-SGD in example-level mode), then the
-   update (initial - trained, TFF's sign) goes through `client_sparsify`:
-   top-k with the device's residual, clipped in client-level mode.
+   update (initial - trained, TFF's sign) goes through
+   `core.clipped_topk_with_error_feedback`: top-k with the device's
+   residual, the sent values clipped in client-level mode.
 3. aggregate: `DPSparseAggregatorFactory` (mean; server noise in client-level
    mode).
 4. finalize: the server optimizer applies the mean to the global model.
@@ -32,12 +33,9 @@ import tensorflow_federated as tff
 from tf_dpsparse import core
 from tf_dpsparse import privacy as privacy_lib
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
-from tf_dpsparse.federated.aggregator import client_sparsify
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.distributor import build_sparse_distributor
 from tf_dpsparse.federated.distributor import catch_up_nbytes
-
-PRIVACY_MODES = (None, 'example', 'client')
 
 
 def client_state_type(size: int) -> tff.StructType:
@@ -106,8 +104,8 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
         reduce_fn)
     update = (core.flatten(initial_weights.trainable) -
               core.flatten(weights.trainable))
-    sparse, residual, clipped = client_sparsify(
-        update, client_state.residual, k,
+    sparse, residual, clipped = core.clipped_topk_with_error_feedback(
+        update, k, client_state.residual,
         l2_norm_clip if privacy == 'client' else None)
     upload = collections.OrderedDict(indices=sparse.indices,
                                      values=sparse.values)
@@ -383,8 +381,9 @@ def build_dp_sparse_fed_avg(
   takes part in every round with sampling rate batch_size /
   min_client_examples for `local_steps` steps per round.
   """
-  if privacy not in PRIVACY_MODES:
-    raise ValueError(f'privacy must be one of {PRIVACY_MODES}, got {privacy!r}.')
+  if privacy not in privacy_lib.PRIVACY_MODES:
+    raise ValueError(f'privacy mode must be one of {privacy_lib.PRIVACY_MODES}, '
+                     f'got {privacy!r}.')
   for name, density in (('upload_density', upload_density),
                         ('download_density', download_density)):
     if not 0 < density <= 1:

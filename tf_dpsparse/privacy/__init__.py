@@ -1,6 +1,8 @@
 """Privacy accounting on `dp_accounting`: ε, calibration, and a budget ledger."""
 
+from tf_dpsparse.privacy.accounting import PRIVACY_MODES
 from tf_dpsparse.privacy.accounting import calibrate_noise_multiplier
+from tf_dpsparse.privacy.accounting import check_privacy_mode
 from tf_dpsparse.privacy.accounting import compute_epsilon
 from tf_dpsparse.privacy.accounting import epsilon_of
 from tf_dpsparse.privacy.accounting import make_accountant
@@ -9,7 +11,8 @@ from tf_dpsparse.privacy.ledger import BudgetExhaustedError
 from tf_dpsparse.privacy.ledger import PrivacyLedger
 
 __all__ = [
-    'BudgetExhaustedError', 'PrivacyLedger', 'calibrate_noise_multiplier',
+    'BudgetExhaustedError', 'PRIVACY_MODES', 'PrivacyLedger',
+    'calibrate_noise_multiplier', 'check_privacy_mode',
     'compute_epsilon', 'epsilon_of', 'make_accountant',
     'sampled_gaussian_event'
 ]

@@ -16,6 +16,23 @@ from dp_accounting import pld
 from dp_accounting import rdp
 
 ACCOUNTANTS = ('rdp', 'pld')
+# Units of privacy every front offers: none, per record (DP-SGD on the
+# device), per device (DP-FedAvg with a trusted aggregator).
+PRIVACY_MODES = (None, 'example', 'client')
+
+
+def check_privacy_mode(mode, *, l2_norm_clip=None, noise_multiplier=None,
+                       clients_per_round=None) -> None:
+  """Raises ValueError unless `mode` is known and, for 'client', fully set."""
+  if mode not in PRIVACY_MODES:
+    raise ValueError(f'privacy mode must be one of {PRIVACY_MODES}, got {mode!r}.')
+  if mode == 'client':
+    for name, value in (('l2_norm_clip', l2_norm_clip),
+                        ('noise_multiplier', noise_multiplier),
+                        ('clients_per_round', clients_per_round)):
+      if value is None or value < 0 or (name != 'noise_multiplier' and
+                                        value == 0):
+        raise ValueError(f'client-level DP needs {name} > 0, got {value}.')
 
 
 def make_accountant(accountant: str = 'rdp') -> dp_accounting.PrivacyAccountant:
