@@ -19,7 +19,7 @@ from tf_dpsparse import privacy  # noqa: E402
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('data', 'federated', 'keras', 'lite')
+_LAZY_SUBMODULES = ('data', 'federated', 'keras', 'lite', 'server')
 
 
 def __getattr__(name):
