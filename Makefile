@@ -48,6 +48,8 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/codec_bench.py
+	$(PY) benchmarks/lite_bench.py
+	$(PY) benchmarks/fed_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
