@@ -103,3 +103,13 @@ def test_ledger_json_refuses_unknown_event_types():
                       'count': 1}]
   with pytest.raises(ValueError, match='unknown DpEvent'):
     tds.privacy.PrivacyLedger.from_dict(data)
+
+
+@pytest.mark.parametrize('budget', [1.5, 4.0, 8.0])
+def test_max_steps_is_the_last_step_within_budget(budget):
+  z, q, delta = 1.1, 0.02, 1e-5
+  steps = tds.privacy.max_steps(z, q, delta, budget)
+  assert steps >= 1
+  assert tds.privacy.compute_epsilon(z, q, steps, delta) <= budget
+  assert tds.privacy.compute_epsilon(z, q, steps + 1, delta) > budget
+  assert tds.privacy.max_steps(0.3, 1.0, delta, 0.01) == 0

@@ -6,6 +6,7 @@ from tf_dpsparse.privacy.accounting import check_privacy_mode
 from tf_dpsparse.privacy.accounting import compute_epsilon
 from tf_dpsparse.privacy.accounting import epsilon_of
 from tf_dpsparse.privacy.accounting import make_accountant
+from tf_dpsparse.privacy.accounting import max_steps
 from tf_dpsparse.privacy.accounting import sampled_gaussian_event
 from tf_dpsparse.privacy.ledger import BudgetExhaustedError
 from tf_dpsparse.privacy.ledger import PrivacyLedger
@@ -13,6 +14,6 @@ from tf_dpsparse.privacy.ledger import PrivacyLedger
 __all__ = [
     'BudgetExhaustedError', 'PRIVACY_MODES', 'PrivacyLedger',
     'calibrate_noise_multiplier', 'check_privacy_mode',
-    'compute_epsilon', 'epsilon_of', 'make_accountant',
+    'compute_epsilon', 'epsilon_of', 'make_accountant', 'max_steps',
     'sampled_gaussian_event'
 ]

@@ -121,3 +121,26 @@ def calibrate_noise_multiplier(target_epsilon: float,
           delta,
           bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
           tol=tol))
+
+
+def max_steps(noise_multiplier: float, sampling_rate: float, delta: float,
+              epsilon_budget: float, accountant: str = 'rdp') -> int:
+  """The most steps whose ε stays within `epsilon_budget` (0 if not even one).
+
+  Doubling then bisection on `compute_epsilon`, which grows with steps.
+  """
+
+  def within(steps):
+    return compute_epsilon(noise_multiplier, sampling_rate, steps, delta,
+                           accountant) <= epsilon_budget
+
+  if not within(1):
+    return 0
+  low = 1
+  while within(2 * low):
+    low *= 2
+  high = 2 * low  # within(low) and not within(high)
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if within(mid) else (low, mid)
+  return low

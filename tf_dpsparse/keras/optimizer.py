@@ -1,0 +1,262 @@
+"""`DPSparseOptimizer`: DP-SGD whose applied update is a top-k sparse slice.
+
+How the per-example losses reach the optimizer in `model.fit`: Keras 2's
+`train_step` computes `compiled_loss` under a `GradientTape` and calls
+`optimizer.minimize(loss, trainable_variables, tape=tape)`. With a loss of
+reduction NONE, `loss` is the per-example vector [batch], not its mean, so the
+optimizer can differentiate each entry: `compute_gradients` re-enters the
+tape and takes one vectorized (pfor) `tape.jacobian`. TF Privacy's
+`DPKerasSGDOptimizer` hooks in the same way; no custom `Model` is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+from tf_dpsparse import codec
+from tf_dpsparse import core
+
+_OPTIMIZER_TYPES = (tf.keras.optimizers.Optimizer,
+                    tf.keras.optimizers.legacy.Optimizer)
+
+
+@tf.keras.utils.register_keras_serializable(package='tf_dpsparse')
+class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
+  """Wraps any `tf.keras` optimizer: private gradients, then a sparse step.
+
+  One step: per-example (or per-microbatch) gradients of the loss vector;
+  `tds.core.gaussian_average` clips each to `l2_norm_clip`, sums, adds
+  N(0, (noise_multiplier * l2_norm_clip)^2) and divides by the number of rows
+  (DP-SGD); `tds.core.topk_with_error_feedback` keeps the `density` fraction
+  of largest coordinates of that noised mean plus the residual; the inner
+  optimizer applies the densified slice. The slice is exactly what a device
+  would upload, and `wire_bytes` adds up its `tds.codec` encoded size.
+
+  Privacy (example-level, sampled Gaussian mechanism): indices are chosen on
+  the noised mean and the residual holds only noised values (the noised means
+  minus what was sent), so the sparse step is post-processing and ε is that of
+  DP-SGD with the same noise (see `PrivacyCallback`). A stateful inner
+  optimizer (momentum, Adam) moves every weight, but only from sent slices.
+
+  WARNING: the loss must be per-example: compile with a `tf.keras.losses.Loss`
+  whose `reduction` is NONE (a scalar loss raises). Noise comes from a
+  `tf.random.Generator` seeded from OS entropy unless `seed` is given (tests);
+  its state is kept out of checkpoints so a restored run never replays noise.
+  Not for `tf.distribute` strategies with several replicas.
+
+  Cost: the jacobian of a batch's loss vector does about one backward pass of
+  the whole batch per row (as in TF Privacy), so a step costs O(rows x batch);
+  `num_microbatches` trades that against noise (σC / rows on the mean).
+
+  Args:
+    optimizer: the inner `tf.keras` optimizer (new or legacy) that applies the
+      sparse update; its state (momentum, Adam moments) is checkpointed here.
+    l2_norm_clip: L2 bound on each example's (microbatch's) gradient, > 0.
+    noise_multiplier: noise stddev over `l2_norm_clip`, >= 0.
+    density: fraction of coordinates applied per step, in (0, 1].
+    num_microbatches: rows per batch (it must divide the batch size); each
+      row's gradient is the mean over its examples. None: one per example.
+    seed: fixes the noise (tests only); None draws from OS entropy.
+    name: the optimizer's name.
+  """
+
+  def __init__(self,
+               optimizer,
+               *,
+               l2_norm_clip: float,
+               noise_multiplier: float,
+               density: float,
+               num_microbatches: Optional[int] = None,
+               seed: Optional[int] = None,
+               name: str = 'DPSparseOptimizer'):
+    if (not isinstance(optimizer, _OPTIMIZER_TYPES) or
+        isinstance(optimizer, DPSparseOptimizer)):
+      raise TypeError(
+          'optimizer must be a tf.keras optimizer (new or legacy) other than '
+          f'a DPSparseOptimizer, got {optimizer!r}.')
+    if not l2_norm_clip > 0:
+      raise ValueError(f'l2_norm_clip must be > 0, got {l2_norm_clip}.')
+    if not noise_multiplier >= 0:
+      raise ValueError(
+          f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+    if not 0 < density <= 1:
+      raise ValueError(f'density must be in (0, 1], got {density}.')
+    if num_microbatches is not None and (
+        int(num_microbatches) != num_microbatches or num_microbatches < 1):
+      raise ValueError(
+          f'num_microbatches must be a positive integer or None, got '
+          f'{num_microbatches}.')
+    super().__init__(name=name, jit_compile=False)
+    self._inner = optimizer
+    self.l2_norm_clip = float(l2_norm_clip)
+    self.noise_multiplier = float(noise_multiplier)
+    self.density = float(density)
+    self.num_microbatches = num_microbatches
+    self._examples = self.add_variable([], tf.int64, name='examples')
+    self._wire_bytes = self.add_variable([], tf.int64, name='wire_bytes')
+    self._seed_generator(seed)
+    self._dp_gradients_computed = False
+
+  @tf.__internal__.tracking.no_automatic_dependency_tracking
+  def _seed_generator(self, seed):
+    """An RNG outside checkpoints: restoring must not replay earlier noise."""
+    self._generator = (tf.random.Generator.from_non_deterministic_state()
+                       if seed is None else tf.random.Generator.from_seed(seed))
+
+  @property
+  def inner_optimizer(self):
+    return self._inner
+
+  @property
+  def learning_rate(self):
+    return self._inner.learning_rate
+
+  @learning_rate.setter
+  def learning_rate(self, learning_rate):
+    self._inner.learning_rate = learning_rate
+
+  @property
+  def residual(self) -> tf.Variable:
+    """float32[size]: noised mass not sent yet (error feedback); after build."""
+    return self._residual
+
+  @property
+  def size(self) -> int:
+    """Parameters in the flat update (all trained variables); after build."""
+    return self._size
+
+  @property
+  def k(self) -> int:
+    """Coordinates sent per step: `ceil(density * size)`; after build."""
+    return self._k
+
+  @property
+  def wire_bytes(self) -> tf.Variable:
+    """int64: total `tds.codec` bytes of the sparse updates applied so far."""
+    return self._wire_bytes
+
+  @property
+  def examples(self) -> tf.Variable:
+    """int64: examples in all steps so far (`iterations` counts the steps).
+
+    Per-step record counts for accounting: `PrivacyCallback` checks them
+    against the batch size that sets the sampling rate.
+    """
+    return self._examples
+
+  def build(self, var_list):
+    """Creates the residual: one flat vector over `var_list`, in that order."""
+    super().build(var_list)
+    if getattr(self, '_built', False):
+      return
+    self._var_keys = tuple(self._var_key(v) for v in var_list)
+    self._size = sum(v.shape.num_elements() for v in var_list)
+    self._k = core.k_for_density(self._size, self.density)
+    self._residual = self.add_variable([self._size], tf.float32,
+                                       name='residual')
+    if isinstance(self._inner, tf.keras.optimizers.Optimizer):
+      self._inner.build(var_list)  # slots exist when Keras loads a .keras file
+    self._built = True
+
+  def _microbatch_losses(self, loss):
+    loss = tf.convert_to_tensor(loss)
+    if loss.shape.rank == 0:
+      raise ValueError(
+          'DPSparseOptimizer needs the per-example loss vector, got a scalar: '
+          'compile with a loss whose reduction is NONE, e.g. '
+          'tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, '
+          'reduction=tf.keras.losses.Reduction.NONE).')
+    if self.num_microbatches is None:
+      return tf.reduce_mean(tf.reshape(loss, [tf.shape(loss)[0], -1]), axis=1)
+    batch = loss.shape[0]
+    message = (f'the batch size must be divisible by num_microbatches='
+               f'{self.num_microbatches}')
+    if batch is not None and batch % self.num_microbatches:
+      raise ValueError(f'{message}, got {batch}.')
+    check = tf.debugging.assert_equal(
+        tf.shape(loss)[0] % self.num_microbatches, 0, message=message)
+    with tf.control_dependencies([check]):
+      return tf.reduce_mean(
+          tf.reshape(loss, [self.num_microbatches, -1]), axis=1)
+
+  def compute_gradients(self, loss, var_list, tape=None):
+    """DP-SGD gradients: the clipped, noised mean of per-example gradients.
+
+    `loss` is the per-example loss vector recorded on `tape`, or a callable
+    returning it. Each microbatch's gradient is its examples' mean (TF
+    Privacy's convention); there are `num_microbatches` rows, or one per
+    example. Returns `(gradient, variable)` pairs. They are already private:
+    what is done with them afterwards (top-k, upload) is post-processing.
+    """
+    if not callable(loss) and tape is None:
+      raise ValueError('`tape` is required when a `Tensor` loss is passed.')
+    tape = tf.GradientTape() if tape is None else tape
+    with tape:
+      if callable(loss):
+        if not callable(var_list):
+          tape.watch(var_list)
+        loss = loss()
+      microbatch_losses = self._microbatch_losses(loss)
+    var_list = list(var_list() if callable(var_list) else var_list)
+    jacobians = tape.jacobian(
+        microbatch_losses, var_list,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    rows = tf.vectorized_map(core.flatten, jacobians)  # [microbatches, size]
+    noise_seed = self._generator.make_seeds(1)[:, 0]
+    mean, _ = core.gaussian_average(rows, self.l2_norm_clip,
+                                    self.noise_multiplier, noise_seed)
+    self._examples.assign_add(tf.shape(loss, out_type=tf.int64)[0])
+    self._dp_gradients_computed = True
+    return list(zip(core.unflatten(mean, var_list), var_list))
+
+  def apply_gradients(self, grads_and_vars, name=None):
+    """Applies the top-k of gradients + residual with the inner optimizer.
+
+    The gradients must come from `compute_gradients` (as in `minimize`):
+    sparsifying raw gradients would not be private. Returns `iterations`.
+    """
+    if not self._dp_gradients_computed:
+      raise ValueError(
+          'DPSparseOptimizer.apply_gradients takes the private gradients of '
+          'compute_gradients (or use minimize / model.fit); raw gradients '
+          'would be released without noise.')
+    grads, var_list = zip(*grads_and_vars)
+    with tf.init_scope():
+      self.build(var_list)
+    if tuple(self._var_key(v) for v in var_list) != self._var_keys:
+      raise ValueError(
+          'DPSparseOptimizer was built for other variables (or another '
+          'order): the residual is one flat vector over them.')
+    with tf.name_scope(name or self.name):
+      sparse, residual = core.topk_with_error_feedback(
+          core.flatten(grads), self._k, self._residual)
+      self._residual.assign(residual)
+      self._wire_bytes.assign_add(codec.encoded_nbytes(sparse.indices,
+                                                       self._size))
+      update = core.unflatten(core.densify(sparse), list(var_list))
+      self._inner.apply_gradients(zip(update, var_list))
+      return self._iterations.assign_add(1)
+
+  def finalize_variable_values(self, var_list):
+    if isinstance(self._inner, tf.keras.optimizers.Optimizer):
+      self._inner.finalize_variable_values(var_list)
+
+  def get_config(self):
+    """Config without the seed: a re-created optimizer draws fresh noise."""
+    return {
+        'name': self.name,
+        'optimizer': tf.keras.optimizers.serialize(self._inner),
+        'l2_norm_clip': self.l2_norm_clip,
+        'noise_multiplier': self.noise_multiplier,
+        'density': self.density,
+        'num_microbatches': self.num_microbatches,
+    }
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    config['optimizer'] = tf.keras.optimizers.deserialize(
+        config['optimizer'], custom_objects=custom_objects)
+    return cls(**config)
