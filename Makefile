@@ -49,6 +49,7 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/codec_bench.py
 	$(PY) benchmarks/lite_bench.py
+	$(PY) benchmarks/keras_bench.py
 	$(PY) benchmarks/fed_bench.py
 
 clean:
