@@ -136,6 +136,28 @@ def test_download_error_feedback_and_device_reconstruction(clients):
                              global_now, atol=1e-5)
 
 
+def test_device_that_skipped_rounds_catches_up_exactly(clients):
+  """Device 3 sits out rounds 2-4; its catch-up bytes rebuild the public model."""
+  process = _build(density=0.05)
+  state = process.initialize()
+  store = federated.ClientStateStore(len(clients), process.size)
+  stale_view = np.array(state['distributor']['public'])
+  for round_num in range(1, 6):
+    ids = [0, 1, 2, 3] if round_num in (1, 5) else [0, 1, 2]
+    out = process.next(state, [clients[i] for i in ids], store.get(ids))
+    store.put(out.client_states)
+    state = out.state
+    if round_num == 1:
+      stale_view = np.array(state['distributor']['public'])
+  payload = federated.catch_up_payload(state['distributor'], 1)
+  view = federated.apply_catch_up(stale_view, payload)
+  np.testing.assert_array_equal(view, state['distributor']['public'])
+  # Round 5 charged device 3 exactly that payload, the others one broadcast.
+  broadcast = int(out.metrics['bytes_broadcast'])
+  assert out.metrics['bytes_down'] == 3 * broadcast + len(payload)
+  assert len(payload) < tds.codec.dense_nbytes(process.size)
+
+
 def test_catch_up_bytes_union_or_dense():
   size, k, history = 1000, 10, 4
   rounds = np.array([5, 6, 3, 4], np.int32)  # slots hold rounds 3..6
@@ -151,6 +173,10 @@ def test_catch_up_bytes_union_or_dense():
   assert nbytes(3) == len(tds.codec.encode(tds.core.SparseUpdate(
       union, np.zeros(union.size, np.float32), size)))
   assert nbytes(1) == tds.codec.dense_nbytes(size)  # round 2 fell out
+  state = dict(history_indices=indices, history_rounds=rounds, round_num=6,
+               public=np.arange(size, dtype=np.float32))
+  assert len(federated.catch_up_payload(state, 3)) == nbytes(3)
+  assert federated.catch_up_payload(state, 1) is None
 
 
 @pytest.mark.parametrize('k', [12, 500])  # sparse (Rice), dense ('all')

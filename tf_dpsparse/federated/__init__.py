@@ -11,8 +11,10 @@ from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.client_states import ClientStateStore
 from tf_dpsparse.federated.distributor import apply_broadcast
+from tf_dpsparse.federated.distributor import apply_catch_up
 from tf_dpsparse.federated.distributor import build_sparse_distributor
 from tf_dpsparse.federated.distributor import catch_up_nbytes
+from tf_dpsparse.federated.distributor import catch_up_payload
 from tf_dpsparse.federated.learning import DPSparseFedAvg
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 
@@ -20,6 +22,6 @@ _workers.install()
 
 __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
-    'apply_broadcast', 'build_dp_sparse_fed_avg', 'build_sparse_distributor',
-    'catch_up_nbytes', 'sparse_type'
+    'apply_broadcast', 'apply_catch_up', 'build_dp_sparse_fed_avg',
+    'build_sparse_distributor', 'catch_up_nbytes', 'catch_up_payload', 'sparse_type'
 ]

@@ -59,6 +59,34 @@ def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
   return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
 
 
+def catch_up_payload(state, last_sync_round: int, value_bits: int = 32):
+  """The catch-up download of a device synced at `last_sync_round`, or None.
+
+  Carries the *current* public values at the union of the indices broadcast
+  since then (a device overwrites them: `apply_catch_up`), so the device
+  lands exactly on the public model. None means the device needs the dense
+  model: some of those rounds fell out of the history, or dense is smaller
+  (`catch_up_nbytes` counts the same choice). `state` is the distributor's.
+  """
+  rounds = np.asarray(state['history_rounds'])
+  needed = rounds > last_sync_round
+  if needed.sum() < int(state['round_num']) - last_sync_round:
+    return None
+  public = np.asarray(state['public'], np.float32)
+  union = np.unique(np.asarray(state['history_indices'])[needed])
+  payload = codec.encode(core.SparseUpdate(union, public[union], public.size),
+                         value_bits=value_bits)
+  return None if len(payload) > codec.dense_nbytes(public.size, value_bits) else payload
+
+
+def apply_catch_up(view: np.ndarray, payload: bytes) -> np.ndarray:
+  """A device's side of `catch_up_payload`: overwrite the listed weights."""
+  update = codec.decode(payload, view.size)
+  view = np.array(view, dtype=np.float32, copy=True)
+  view[update.indices] = update.values
+  return view
+
+
 def apply_broadcast(public_view: np.ndarray, payload: bytes) -> np.ndarray:
   """What a device does with a broadcast: decode, validate, overwrite deltas.
 

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -74,8 +74,15 @@ def _client_dataset(fed, client_id, config, rng):
 
 
 def run(config: RunConfig, *, progress: bool = True,
-        label: Optional[str] = None) -> dict:
-  """Runs `config` and returns {'config', 'rounds', 'ledger', 'summary'}."""
+        label: Optional[str] = None,
+        builder: Callable = build_dp_sparse_fed_avg) -> dict:
+  """Runs `config` and returns {'config', 'rounds', 'ledger', 'summary'}.
+
+  `builder` takes `build_dp_sparse_fed_avg`'s arguments and returns a process
+  with its interface (`initialize`, `next` -> `RoundOutput`, `skip_round`,
+  `get_model_weights`, `ledger`, `noise_multiplier`, `size`): baselines run on
+  the same data, sampling and evaluation through it (benchmarks/).
+  """
   fed = _load(config)
   client_ids = list(fed.client_ids)
   total = len(client_ids)
@@ -99,7 +106,7 @@ def run(config: RunConfig, *, progress: bool = True,
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
   private = config.privacy is not None
-  process = build_dp_sparse_fed_avg(
+  process = builder(
       model_fn,
       tff.learning.optimizers.build_sgdm(config.client_learning_rate),
       tff.learning.optimizers.build_sgdm(config.server_learning_rate),
