@@ -240,3 +240,24 @@ def test_builder_errors(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     federated.build_dp_sparse_fed_avg(model_fn, sgd(0.1), **args)
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float16])
+def test_client_state_store_round_trip(tmp_path, dtype):
+  store = federated.ClientStateStore(
+      1000, 64, dtype=dtype, path=str(tmp_path / 'residuals.npy'))
+  states = store.get([3, 999])
+  assert [int(s['client_id']) for s in states] == [3, 999]
+  assert all(not s['residual'].any() for s in states)
+  states[1]['residual'] = np.linspace(-1, 1, 64, dtype=np.float32)
+  states[1]['last_sync_round'] = np.int32(7)
+  store.put(states)
+  back = store.get([999])[0]
+  tolerance = 0 if dtype == np.float32 else 1e-3  # float16 rounds residuals
+  np.testing.assert_allclose(back['residual'], states[1]['residual'],
+                             atol=tolerance)
+  assert back['last_sync_round'] == 7
+  assert (tmp_path / 'residuals.npy').stat().st_size >= 1000 * 64 * np.dtype(
+      dtype).itemsize
+  with pytest.raises(ValueError, match='float32 or float16'):
+    federated.ClientStateStore(2, 2, dtype=np.int8)
