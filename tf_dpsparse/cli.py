@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from typing import Optional, Sequence
 
@@ -61,6 +62,24 @@ def _run(args) -> int:
   print(f'\nwrote {paths["rounds.json"]}, {paths["summary.md"]}, '
         f'{paths["accuracy.png"]}')
   return 0
+
+
+def _bench(args, rest) -> int:
+  """Runs benchmarks/paper_table.py from the repository checkout.
+
+  The baselines (DSSGD above all) are research reproductions, not package
+  API, so they stay in benchmarks/; an editable install (`make venv`) finds
+  them next to the package.
+  """
+  bench_dir = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
+  if not (bench_dir / 'paper_table.py').is_file():
+    print(f'tf-dpsparse bench: error: needs the repository checkout with '
+          f'benchmarks/ (looked in {bench_dir}); install with `pip install -e '
+          '.` from a clone.', file=sys.stderr)
+    return 2
+  sys.path.insert(0, str(bench_dir))
+  import paper_table  # pylint: disable=import-outside-toplevel
+  return paper_table.main(rest, prog='tf-dpsparse bench')
 
 
 def _add_run(sub) -> None:
@@ -163,11 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help='hapt: hold out this many users as the test set '
                     '(default: a per-user split)')
   data.set_defaults(func=_data)
+
+  sub.add_parser(  # flags parsed by benchmarks/paper_table.py; see main()
+      'bench', add_help=False,
+      help='the paper table: ours vs FedAvg, DP-FedAvg, 8-bit, DSSGD, '
+      'upload-only (tf-dpsparse bench --help)')
   return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if args.command == 'bench':  # its flags are paper_table's
+    return _bench(args, rest)
+  if rest:
+    parser.error(f'unrecognized arguments: {" ".join(rest)}')
   try:
     return args.func(args)
   except ValueError as e:
