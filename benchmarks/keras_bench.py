@@ -1,7 +1,7 @@
 """Keras benchmark: steps/s of SGD, TF Privacy DP-SGD and DPSparseOptimizer.
 
 All four run `model.fit` in the same process on the same model (the HAPT
-Conv1D of `tf_dpsparse.models`, ~130k parameters) and the same batches:
+Conv1D of `tf_dpsparse.models`, ~16k parameters) and the same batches:
 plain `tf.keras.optimizers.SGD` (mean loss), TF Privacy's
 `DPKerasSGDOptimizer`, and `tds.keras.DPSparseOptimizer` around SGD at
 density 1 % and 100 % (per-example losses). Inputs are Gaussian with HAPT's
