@@ -112,3 +112,4 @@ def test_run_command_writes_results_and_leaves_no_worker(tmp_path):
   assert 100 <= dense['summary']['percent_of_dense'] < 100.1  # + headers
   assert (out_dir / 'accuracy.png').stat().st_size > 1000
   assert '| run |' in (out_dir / 'summary.md').read_text()
+  assert 0 <= sparse['rounds'][-1]['device_accuracy'] <= 1

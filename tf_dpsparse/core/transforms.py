@@ -50,6 +50,7 @@ def unflatten(flat: tf.Tensor, like):
   `like` is a structure of tensors, variables or `tf.TensorSpec`s with fully
   defined shapes.
   """
+  flat = tf.convert_to_tensor(flat)
   leaves = tf.nest.flatten(like)
   shapes = [tf.TensorShape(t.shape) for t in leaves]
   for shape in shapes:

@@ -328,7 +328,13 @@ class DPSparseFedAvg:
 
   @staticmethod
   def get_model_weights(state):
+    """The server's global model."""
     return state['server']['global_weights']
+
+  @staticmethod
+  def get_public_weights(state) -> np.ndarray:
+    """The flat trainable weights up-to-date devices hold (the public model)."""
+    return np.asarray(state['distributor']['public'])
 
 
 def build_dp_sparse_fed_avg(

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tf_dpsparse import core
 from tf_dpsparse import data as data_lib
 from tf_dpsparse import models
 from tf_dpsparse.federated.client_states import ClientStateStore
@@ -157,12 +158,23 @@ def run(config: RunConfig, *, progress: bool = True,
     process.get_model_weights(state).assign_weights_to(evaluator)
     test_loss, accuracy = evaluator.evaluate(x_test, y_test, batch_size=1024,
                                              verbose=0)
+    # With a compressed download, devices hold the public model, not the
+    # server's: score that too (it is what users of the devices get).
+    device_accuracy = accuracy
+    get_public = getattr(process, 'get_public_weights', None)
+    if get_public is not None:
+      public = core.unflatten(get_public(state), evaluator.trainable_weights)
+      for variable, value in zip(evaluator.trainable_weights, public):
+        variable.assign(value)
+      _, device_accuracy = evaluator.evaluate(x_test, y_test, batch_size=1024,
+                                              verbose=0)
     m = out.metrics
     cumulative['up'] += int(m['bytes_up'])
     cumulative['down'] += int(m['bytes_down'])
     cumulative['dense'] += int(m['dense_bytes_up']) + int(m['dense_bytes_down'])
     record = {
         'round': round_num, 'accuracy': float(accuracy),
+        'device_accuracy': float(device_accuracy),
         'test_loss': float(test_loss), 'train_loss': float(m['loss']),
         'epsilon': float(m['epsilon']), 'clients': len(sampled),
         'bytes_up': int(m['bytes_up']), 'bytes_down': int(m['bytes_down']),
@@ -176,7 +188,7 @@ def run(config: RunConfig, *, progress: bool = True,
     }
     rounds.append(record)
     if bar is not None:
-      bar.set_postfix(acc=f'{accuracy:.3f}', eps=f'{record["epsilon"]:.2f}',
+      bar.set_postfix(acc=f'{accuracy:.3f}', device=f'{device_accuracy:.3f}', eps=f'{record["epsilon"]:.2f}',
                       MB=f'{record["cumulative_mb"]:.2f}')
       bar.update(1)
   if bar is not None:
@@ -184,6 +196,7 @@ def run(config: RunConfig, *, progress: bool = True,
   total_bytes = cumulative['up'] + cumulative['down']
   summary = {
       'final_accuracy': rounds[-1]['accuracy'],
+      'final_device_accuracy': rounds[-1]['device_accuracy'],
       'epsilon': 0.0 if process.ledger is None else process.ledger.epsilon,
       'delta': config.delta,
       'noise_multiplier': process.noise_multiplier,
@@ -200,13 +213,15 @@ def run(config: RunConfig, *, progress: bool = True,
 
 def summary_table(results: List[dict]) -> str:
   """A markdown table of runs: method, ε, accuracy, MB each way, % of dense."""
-  lines = ['| run | ε (δ) | final accuracy | MB up | MB down | % of dense | s/round |',
-           '| --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['| run | ε (δ) | final accuracy (server) | on devices | MB up | '
+           'MB down | % of dense | s/round |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in results:
     s = r['summary']
     eps = '∞ (non-private)' if r['config']['privacy'] is None else (
         f'{s["epsilon"]:.2f} ({s["delta"]:g})')
     lines.append(f'| {r["label"]} | {eps} | {s["final_accuracy"]:.4f} | '
+                 f'{s["final_device_accuracy"]:.4f} | '
                  f'{s["mb_up"]:.3f} | {s["mb_down"]:.3f} | '
                  f'{s["percent_of_dense"]:.2f} % | {s["seconds_per_round"]:.2f} |')
   return '\n'.join(lines)
