@@ -43,8 +43,9 @@ test: venv
 test-all: venv
 	$(PY) -m pytest --runslow
 
+# The main job: DP-sparse federated training on HAPT (tf-dpsparse run).
 demo: venv
-	$(PY) examples/core_pipeline.py
+	$(VENV)/bin/tf-dpsparse run
 
 bench: venv
 	$(PY) benchmarks/codec_bench.py
