@@ -228,17 +228,21 @@ def summary_table(results: List[dict]) -> str:
 
 
 def plot(results: List[dict], path: str) -> None:
-  """Accuracy vs round and vs cumulative MB (log x), one line per run."""
+  """Accuracy vs round and vs cumulative MB (log x): per run, the server's
+  model (solid) and the public model devices hold (dashed)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, (by_round, by_mb) = plt.subplots(1, 2, figsize=(11, 4))
   for r in results:
     rounds = [x['round'] for x in r['rounds']]
-    accuracy = [x['accuracy'] for x in r['rounds']]
     mb = [x['cumulative_mb'] for x in r['rounds']]
-    by_round.plot(rounds, accuracy, label=r['label'])
-    by_mb.plot(mb, accuracy, label=r['label'])
+    for ax, xs in ((by_round, rounds), (by_mb, mb)):
+      line, = ax.plot(xs, [x['accuracy'] for x in r['rounds']],
+                      label=f'{r["label"]} (server)')
+      ax.plot(xs, [x.get('device_accuracy', x['accuracy']) for x in r['rounds']],
+              linestyle='--', color=line.get_color(),
+              label=f'{r["label"]} (on devices)')
   by_round.set(xlabel='round', ylabel='test accuracy', title='accuracy vs round')
   by_mb.set(xlabel='cumulative MB sent (up + down)', ylabel='test accuracy',
             xscale='log', title='accuracy vs communication')
