@@ -119,10 +119,10 @@ def build_tff_fed_avg(model_fn, client_optimizer_fn, server_optimizer_fn, *,
                   if quantize else tff.aggregators.UnweightedMeanFactory())
     upload = quantized_upload_nbytes(sizes) if quantize else 4 * sum(sizes)
   else:
-    rate = clients_per_round / total_clients
-    if noise_multiplier is None:
-      noise_multiplier = privacy_lib.calibrate_noise_multiplier(
-          target_epsilon, delta, rate, rounds, accountant)
+    noise_multiplier, round_event, ledger = privacy_lib.round_privacy(
+        sampling_rate=clients_per_round / total_clients, delta=delta,
+        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+        rounds=rounds, accountant=accountant)
     if quantize:  # gaussian_fixed's query, records summed by the quantizer
       query = tfp.NormalizedQuery(
           tfp.GaussianSumQuery(l2_norm_clip, l2_norm_clip * noise_multiplier),
@@ -135,8 +135,6 @@ def build_tff_fed_avg(model_fn, client_optimizer_fn, server_optimizer_fn, *,
           noise_multiplier, clients_per_round, l2_norm_clip)
     upload = (quantized_upload_nbytes(sizes, adaptive=False) if quantize
               else 4 * sum(sizes))
-    round_event = privacy_lib.sampled_gaussian_event(noise_multiplier, rate)
-    ledger = privacy_lib.PrivacyLedger(delta, target_epsilon, accountant)
   process = tff.learning.algorithms.build_unweighted_fed_avg(
       model_fn, client_optimizer_fn=client_optimizer_fn,
       server_optimizer_fn=server_optimizer_fn, model_aggregator=aggregator)

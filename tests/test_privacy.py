@@ -113,3 +113,27 @@ def test_max_steps_is_the_last_step_within_budget(budget):
   assert tds.privacy.compute_epsilon(z, q, steps, delta) <= budget
   assert tds.privacy.compute_epsilon(z, q, steps + 1, delta) > budget
   assert tds.privacy.max_steps(0.3, 1.0, delta, 0.01) == 0
+
+
+def test_round_privacy_calibrates_and_budgets():
+  plan = tds.privacy.round_privacy(sampling_rate=0.1, delta=1e-5,
+                                   steps_per_round=3, target_epsilon=4.0,
+                                   rounds=10)
+  assert plan.ledger.epsilon_budget == 4.0
+  for _ in range(10):
+    plan.ledger.record(plan.round_event)
+  assert plan.ledger.epsilon == pytest.approx(tds.privacy.compute_epsilon(
+      plan.noise_multiplier, 0.1, 30, 1e-5), rel=1e-9)
+  assert 0.99 * 4.0 <= plan.ledger.epsilon <= 4.0
+  with pytest.raises(tds.privacy.BudgetExhaustedError):
+    plan.ledger.record(plan.round_event)
+  fixed = tds.privacy.round_privacy(sampling_rate=0.1, delta=1e-5,
+                                    noise_multiplier=1.3)
+  assert fixed.noise_multiplier == 1.3 and fixed.ledger.epsilon_budget is None
+  for kwargs, match in ((dict(), 'exactly one'),
+                        (dict(noise_multiplier=1.0, target_epsilon=1.0),
+                         'exactly one'),
+                        (dict(target_epsilon=1.0), 'rounds'),
+                        (dict(noise_multiplier=-1.0), '>= 0')):
+    with pytest.raises(ValueError, match=match):
+      tds.privacy.round_privacy(sampling_rate=0.1, delta=1e-5, **kwargs)

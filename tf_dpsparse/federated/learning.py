@@ -416,18 +416,10 @@ def build_dp_sparse_fed_avg(
       if clients_per_round > total_clients:
         raise ValueError('clients_per_round exceeds total_clients.')
       rate, steps_per_round = clients_per_round / total_clients, 1
-    if (noise_multiplier is None) == (target_epsilon is None):
-      raise ValueError('give exactly one of noise_multiplier and target_epsilon.')
-    if target_epsilon is not None:
-      if not rounds:
-        raise ValueError('target_epsilon needs rounds to calibrate for.')
-      noise_multiplier = privacy_lib.calibrate_noise_multiplier(
-          target_epsilon, delta, rate, rounds * steps_per_round, accountant)
-    elif noise_multiplier < 0:
-      raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
-    round_event = privacy_lib.sampled_gaussian_event(noise_multiplier, rate,
-                                                     steps_per_round)
-    ledger = privacy_lib.PrivacyLedger(delta, target_epsilon, accountant)
+    noise_multiplier, round_event, ledger = privacy_lib.round_privacy(
+        sampling_rate=rate, delta=delta, steps_per_round=steps_per_round,
+        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+        rounds=rounds, accountant=accountant)
   if per_example_loss_fn is None:
     per_example_loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=tf.keras.losses.Reduction.NONE)

@@ -10,10 +10,12 @@ from tf_dpsparse.privacy.accounting import max_steps
 from tf_dpsparse.privacy.accounting import sampled_gaussian_event
 from tf_dpsparse.privacy.ledger import BudgetExhaustedError
 from tf_dpsparse.privacy.ledger import PrivacyLedger
+from tf_dpsparse.privacy.ledger import RoundPrivacy
+from tf_dpsparse.privacy.ledger import round_privacy
 
 __all__ = [
     'BudgetExhaustedError', 'PRIVACY_MODES', 'PrivacyLedger',
     'calibrate_noise_multiplier', 'check_privacy_mode',
     'compute_epsilon', 'epsilon_of', 'make_accountant', 'max_steps',
-    'sampled_gaussian_event'
+    'RoundPrivacy', 'round_privacy', 'sampled_gaussian_event'
 ]

@@ -183,3 +183,39 @@ class PrivacyLedger:
     budget = '' if self.epsilon_budget is None else f'/{self.epsilon_budget:g}'
     return (f'PrivacyLedger(ε={self._epsilon:.4g}{budget}, δ={self.delta:g}, '
             f'{sum(e.count for e in self._entries)} events)')
+
+
+class RoundPrivacy(NamedTuple):
+  """The privacy plan of a run of rounds: noise, one round's event, a ledger."""
+  noise_multiplier: float
+  round_event: dp_accounting.DpEvent
+  ledger: PrivacyLedger
+
+
+def round_privacy(*, sampling_rate: float, delta: float,
+                  steps_per_round: int = 1,
+                  noise_multiplier: Optional[float] = None,
+                  target_epsilon: Optional[float] = None,
+                  rounds: Optional[int] = None,
+                  accountant: str = 'rdp') -> RoundPrivacy:
+  """Plans `rounds` rounds of `steps_per_round` sampled Gaussian steps.
+
+  Give `noise_multiplier`, or `target_epsilon` and `rounds` to calibrate it;
+  with a target, the ledger's budget is that ε, so a run cannot go past the
+  rounds it was calibrated for.
+  """
+  if (noise_multiplier is None) == (target_epsilon is None):
+    raise ValueError('give exactly one of noise_multiplier and target_epsilon.')
+  if target_epsilon is not None:
+    if not rounds:
+      raise ValueError('target_epsilon needs rounds to calibrate for.')
+    noise_multiplier = accounting.calibrate_noise_multiplier(
+        target_epsilon, delta, sampling_rate, rounds * steps_per_round,
+        accountant)
+  elif noise_multiplier < 0:
+    raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+  return RoundPrivacy(
+      noise_multiplier,
+      accounting.sampled_gaussian_event(noise_multiplier, sampling_rate,
+                                        steps_per_round),
+      PrivacyLedger(delta, target_epsilon, accountant))
