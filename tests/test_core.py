@@ -174,3 +174,49 @@ def test_upload_error_feedback_conserves_and_clips():
     update_total += update
   np.testing.assert_allclose(sent_total + residual.numpy(), update_total,
                              atol=1e-4)
+
+
+def test_shared_indices_sent_first_then_own_topk():
+  x = np.array([5., -4., 3., 0.5, -0.1, 2., 0.2, 9.], np.float32)
+  residual = np.full(8, 0.25, np.float32)
+  shared = np.array([6, 3], np.int32)  # small coordinates, sent anyway
+  sparse, new_residual = tds.core.topk_with_error_feedback(
+      x, 5, residual, shared_indices=shared)
+  indices = sparse.indices.numpy()
+  np.testing.assert_array_equal(indices[:2], shared)
+  assert sorted(indices[2:]) == [0, 1, 7]  # top 3 of x + residual elsewhere
+  np.testing.assert_array_equal(
+      tds.core.densify(sparse).numpy() + new_residual.numpy(), x + residual)
+  with pytest.raises(ValueError, match='shared'):
+    tds.core.topk_with_error_feedback(x, 2, None, shared_indices=[0, 1])
+
+
+def test_to_wire_precision_never_grows_a_magnitude():
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=100_000) * 10.0**rng.integers(-9, 7, 100_000)).astype(
+      np.float32)
+  wire = tds.core.to_wire_precision(x, 16).numpy()
+  assert np.all(np.abs(wire) <= np.abs(x))
+  assert np.all(np.isfinite(wire)) and np.abs(wire).max() == 65504
+  # Exactly representable: encoding at 16 bits and decoding changes nothing.
+  np.testing.assert_array_equal(wire.astype(np.float16).astype(np.float32), wire)
+  normal = (np.abs(x) > 1e-4) & (np.abs(x) < 65504)
+  assert np.all(np.abs(wire - x)[normal] <= 2**-10 * np.abs(x[normal]))
+  np.testing.assert_array_equal(tds.core.to_wire_precision(x, 32).numpy(), x)
+
+
+def test_clipped_upload_at_16_bits_stays_within_clip_and_conserves():
+  rng = np.random.default_rng(1)
+  residual = tf.zeros([300])
+  sent_total, update_total = np.zeros(300), np.zeros(300)
+  for _ in range(10):
+    update = rng.normal(size=300).astype(np.float32)
+    sparse, residual, _ = tds.core.clipped_topk_with_error_feedback(
+        update, 10, residual, 0.5, value_bits=16)
+    values = sparse.values.numpy()
+    assert np.linalg.norm(values.astype(np.float64)) <= 0.5
+    np.testing.assert_array_equal(values.astype(np.float16), values)
+    sent_total += tds.core.densify(sparse).numpy()
+    update_total += update
+  np.testing.assert_allclose(sent_total + residual.numpy(), update_total,
+                             atol=1e-4)

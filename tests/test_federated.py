@@ -102,8 +102,9 @@ def test_client_level_noise_matches_tff_gaussian_fixed():
   assert np.std(our_noise) == pytest.approx(z * clip / n, rel=0.05)
 
 
-def test_download_error_feedback_and_device_reconstruction(clients):
-  process = _build(density=0.05)
+@pytest.mark.parametrize('value_bits', [32, 16])
+def test_download_error_feedback_and_device_reconstruction(clients, value_bits):
+  process = _build(density=0.05, value_bits=value_bits)
   state = process.initialize()
   store = federated.ClientStateStore(len(clients), process.size)
   ids = list(range(len(clients)))
@@ -120,7 +121,7 @@ def test_download_error_feedback_and_device_reconstruction(clients):
     sent = tds.core.SparseUpdate(state['distributor']['last_indices'],
                                  state['distributor']['last_values'],
                                  process.size)
-    payload = tds.codec.encode(sent)
+    payload = tds.codec.encode(sent, value_bits)
     assert out.metrics['bytes_broadcast'] == len(payload)
     assert out.metrics['bytes_down'] == len(payload) * len(clients)
     device_view = federated.apply_broadcast(device_view, payload)
@@ -198,6 +199,41 @@ def test_upload_bytes_equal_encoded_payloads(k):
         out.result, sum(tds.core.densify(tds.core.SparseUpdate(
             u['indices'], u['values'], size)).numpy() for u in uploads) / 3,
         rtol=1e-6)
+
+
+def test_shared_upload_counts_values_only_for_shared_indices():
+  size, k, shared = 500, 12, 4
+  rng = np.random.default_rng(2)
+  uploads = [collections.OrderedDict(
+      indices=rng.choice(size, k, replace=False).astype(np.int32),
+      values=rng.normal(size=k).astype(np.float32)) for _ in range(3)]
+  agg = federated.DPSparseAggregatorFactory(
+      size, num_shared=shared, value_bits=16).create(federated.sparse_type(k))
+  out = agg.next(agg.initialize(), uploads)
+  expected = sum(shared * 2 + len(tds.codec.encode(tds.core.SparseUpdate(
+      u['indices'][shared:], u['values'][shared:], size), 16)) for u in uploads)
+  assert out.measurements['bytes_up'] == expected
+  with pytest.raises(ValueError, match='num_shared'):
+    federated.DPSparseAggregatorFactory(size, num_shared=k).create(
+        federated.sparse_type(k))
+
+
+def test_devices_upload_the_last_broadcasts_largest_coordinates(clients):
+  process = _build(density=0.05, shared_fraction=0.5)
+  k_shared = federated.num_shared(process.size, 0.05, 0.05, 0.5)
+  assert 0 < k_shared < process.upload_k
+  state = process.initialize()
+  store = federated.ClientStateStore(len(clients), process.size)
+  ids = list(range(len(clients)))
+  for _ in range(3):
+    out = process.next(state, clients, store.get(ids))
+    store.put(out.client_states)
+    state = out.state
+    last = state['distributor']
+    shared = np.asarray(last['last_indices'])[
+        np.argsort(-np.abs(last['last_values']), kind='stable')[:k_shared]]
+    for client_state in out.client_states:  # sent, so nothing left there
+      np.testing.assert_array_equal(client_state['residual'][shared], 0.0)
 
 
 def test_epsilon_and_budget_stop_example_level(clients):

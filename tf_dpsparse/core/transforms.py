@@ -168,7 +168,8 @@ def k_for_density(size: int, density: float) -> int:
 
 
 def topk_with_error_feedback(
-    flat: tf.Tensor, k, residual: Optional[tf.Tensor] = None
+    flat: tf.Tensor, k, residual: Optional[tf.Tensor] = None, *,
+    shared_indices: Optional[tf.Tensor] = None
 ) -> Tuple[SparseUpdate, tf.Tensor]:
   """Keeps the k largest-magnitude coordinates of `flat + residual`.
 
@@ -177,7 +178,15 @@ def topk_with_error_feedback(
   `densify(sent) + new_residual == flat + residual`, because each coordinate
   of the sum goes, unchanged, to exactly one of the two.
 
-  Privacy: the choice of indices is a function of `flat + residual`. It is
+  `shared_indices` (s distinct indices every sender knows, s < k) are always
+  sent, first, and the top k - s of the other coordinates follow: time-
+  correlated sparsification (Ozfatura et al., ISIT 2021). When many devices
+  send values on the same coordinates, their independent DP noise averages
+  out there instead of each device's top-k chasing its own noise; the shared
+  part costs no index bytes.
+
+  Privacy: the choice of indices is a function of `flat + residual` (and of
+  `shared_indices`, which must be public, e.g. the last broadcast's). It is
   private only if both are (functions of) already-noised values, or if the
   result is never released except inside a noised aggregate. Callers state
   which; this function adds no privacy.
@@ -191,7 +200,20 @@ def topk_with_error_feedback(
   if isinstance(k, int) and not 0 < k <= size:
     raise ValueError(f'k must be in [1, {size}], got {k}.')
   accumulated = flat if residual is None else flat + residual
-  _, indices = tf.math.top_k(tf.abs(accumulated), k=k, sorted=False)
+  if shared_indices is None:
+    _, indices = tf.math.top_k(tf.abs(accumulated), k=k, sorted=False)
+  else:
+    shared_indices = tf.convert_to_tensor(shared_indices, tf.int32)
+    num_shared = shared_indices.shape[0]
+    if num_shared is None or isinstance(k, int) and not num_shared < k:
+      raise ValueError(f'need a static number of shared indices < k={k}, '
+                       f'got shape {shared_indices.shape}.')
+    # Magnitudes are >= 0, so -1 keeps the shared coordinates out of the rest.
+    others = tf.tensor_scatter_nd_update(
+        tf.abs(accumulated), shared_indices[:, tf.newaxis],
+        -tf.ones([num_shared]))
+    _, own = tf.math.top_k(others, k=k - num_shared, sorted=False)
+    indices = tf.concat([shared_indices, own], 0)
   values = tf.gather(accumulated, indices)
   new_residual = tf.tensor_scatter_nd_update(
       accumulated, indices[:, tf.newaxis], tf.zeros_like(values))
@@ -200,7 +222,8 @@ def topk_with_error_feedback(
 
 def clipped_topk_with_error_feedback(
     flat: tf.Tensor, k, residual: Optional[tf.Tensor],
-    l2_norm_clip=None) -> Tuple[SparseUpdate, tf.Tensor, tf.Tensor]:
+    l2_norm_clip=None, *, shared_indices: Optional[tf.Tensor] = None,
+    value_bits: int = 32) -> Tuple[SparseUpdate, tf.Tensor, tf.Tensor]:
   """Top-k of `flat + residual`, then the *sent* values clipped to `l2_norm_clip`.
 
   This is the device side of a client-level DP upload. Clipping what is sent,
@@ -209,15 +232,42 @@ def clipped_topk_with_error_feedback(
   residual` could exceed the clip. What clipping removes goes back into the
   residual (it stays on the device), so nothing is lost:
   `densify(sent) + new_residual == flat + residual` up to float rounding.
-  With `l2_norm_clip=None` this is `topk_with_error_feedback`.
+  The sent values are then rounded to the wire's `value_bits`
+  (`to_wire_precision`, never growing a magnitude), the rounding error also
+  kept in the residual. With `l2_norm_clip=None` and 32 bits this is
+  `topk_with_error_feedback` (which explains `shared_indices`).
   Returns `(sent, new_residual, was_clipped)`.
   """
-  sparse, new_residual = topk_with_error_feedback(flat, k, residual)
-  if l2_norm_clip is None:
-    return sparse, new_residual, tf.constant(False)
-  values, norm = clip_by_l2_norm(sparse.values, l2_norm_clip)
-  new_residual += densify(sparse._replace(values=sparse.values - values))
-  return sparse._replace(values=values), new_residual, norm > l2_norm_clip
+  sparse, new_residual = topk_with_error_feedback(
+      flat, k, residual, shared_indices=shared_indices)
+  values, clipped = sparse.values, tf.constant(False)
+  if l2_norm_clip is not None:
+    values, norm = clip_by_l2_norm(values, l2_norm_clip)
+    clipped = norm > l2_norm_clip
+  values = to_wire_precision(values, value_bits)
+  if l2_norm_clip is not None or value_bits != 32:
+    new_residual += densify(sparse._replace(values=sparse.values - values))
+  return sparse._replace(values=values), new_residual, clipped
+
+
+def to_wire_precision(values: tf.Tensor, value_bits: int = 32) -> tf.Tensor:
+  """`values` as the receiver decodes them at `value_bits` (32 or 16) bits.
+
+  16-bit values are rounded toward zero, so no magnitude grows and a clipped
+  update stays within its clip (round-to-nearest could exceed it by 2^-11);
+  values beyond float16's range become its largest finite value.
+  """
+  values = tf.convert_to_tensor(values, tf.float32)
+  if value_bits == 32:
+    return values
+  if value_bits != 16:
+    raise ValueError(f'value_bits must be 32 or 16, got {value_bits}.')
+  half = tf.cast(values, tf.float16)
+  rounded_up = tf.abs(tf.cast(half, tf.float32)) > tf.abs(values)
+  # float16 is sign-magnitude: one less in the bit pattern is one ulp
+  # closer to zero, for either sign (and inf steps down to the largest finite).
+  toward_zero = tf.bitcast(tf.bitcast(half, tf.int16) - 1, tf.float16)
+  return tf.cast(tf.where(rounded_up, toward_zero, half), tf.float32)
 
 
 def densify(sparse: SparseUpdate) -> tf.Tensor:

@@ -17,11 +17,13 @@ from tf_dpsparse.federated.distributor import catch_up_nbytes
 from tf_dpsparse.federated.distributor import catch_up_payload
 from tf_dpsparse.federated.learning import DPSparseFedAvg
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
+from tf_dpsparse.federated.learning import num_shared
 
 _workers.install()
 
 __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
     'apply_broadcast', 'apply_catch_up', 'build_dp_sparse_fed_avg',
-    'build_sparse_distributor', 'catch_up_nbytes', 'catch_up_payload', 'sparse_type'
+    'build_sparse_distributor', 'catch_up_nbytes', 'catch_up_payload', 'num_shared',
+    'sparse_type'
 ]

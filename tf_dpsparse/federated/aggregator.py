@@ -46,15 +46,18 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
     mode: None (plain mean over participants), 'example' (uploads are DP
       already: plain mean) or 'client' (noised sum / `clients_per_round`).
     l2_norm_clip, noise_multiplier, clients_per_round: client-level DP only.
-    value_bits: 32 or 16, the wire precision of values (for byte counts; the
-      simulation keeps float32 values).
+    num_shared: the first `num_shared` indices of every upload are public and
+      known to the server (`topk_with_error_feedback`'s `shared_indices`),
+      so only their values travel and are counted.
+    value_bits: 32 or 16, the wire precision of values, for byte counts (the
+      devices round what they send to it: `to_wire_precision`).
     seed: fixes the server noise (tests); OS entropy when None.
   """
 
   def __init__(self, size: int, *, mode: Optional[str] = None,
                l2_norm_clip: Optional[float] = None,
                noise_multiplier: Optional[float] = None,
-               clients_per_round: Optional[int] = None,
+               clients_per_round: Optional[int] = None, num_shared: int = 0,
                value_bits: int = 32, seed: Optional[int] = None):
     privacy.check_privacy_mode(mode, l2_norm_clip=l2_norm_clip,
                                noise_multiplier=noise_multiplier,
@@ -64,6 +67,7 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
     self._clip = l2_norm_clip
     self._noise_multiplier = noise_multiplier
     self._clients_per_round = clients_per_round
+    self._num_shared = int(num_shared)
     self._value_bits = value_bits
     self._seed = seed
 
@@ -73,7 +77,9 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
     if value_type != sparse_type(k):
       raise TypeError(f'expected uploads of type {sparse_type(k)}, got '
                       f'{value_type}.')
-    size, value_bits = self._size, self._value_bits
+    if not 0 <= self._num_shared < k:
+      raise ValueError(f'num_shared must be in [0, {k}), got {self._num_shared}.')
+    size, value_bits, num_shared = self._size, self._value_bits, self._num_shared
 
     @tff.tensorflow.computation(value_type)
     def densify(sparse):
@@ -81,7 +87,8 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
 
     @tff.tensorflow.computation(value_type)
     def upload_nbytes(sparse):
-      return codec.encoded_nbytes(sparse.indices, size, value_bits)
+      return (codec.encoded_nbytes(sparse.indices[num_shared:], size, value_bits)
+              + num_shared * value_bits // 8)
 
     @tff.tensorflow.computation
     def one():

@@ -108,7 +108,8 @@ def build_sparse_distributor(
     initial_weights_fn: a no-arg TFF computation returning the initial
       `tff.learning.models.ModelWeights` at the server (devices ship with it).
     density: the fraction of trainable parameters broadcast each round.
-    value_bits: wire precision of values, for byte counts.
+    value_bits: wire precision of values (32 or 16): the broadcast values
+      are rounded to it, so the public model is what devices decode.
     history: how many rounds of broadcast index sets the server keeps for
       devices that catch up; older devices get the dense model.
 
@@ -144,6 +145,8 @@ def build_sparse_distributor(
   def broadcast(state, weights):
     residual = core.flatten(weights.trainable) - state.public
     sparse, _ = core.topk_with_error_feedback(residual, k)
+    sparse = sparse._replace(
+        values=core.to_wire_precision(sparse.values, value_bits))
     public = tf.tensor_scatter_nd_add(state.public, sparse.indices[:, None],
                                       sparse.values)
     round_num = state.round_num + 1

@@ -32,6 +32,7 @@ import tensorflow_federated as tff
 
 from tf_dpsparse import core
 from tf_dpsparse import privacy as privacy_lib
+from tf_dpsparse.core import codec
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.distributor import build_sparse_distributor
@@ -47,6 +48,31 @@ def client_state_type(size: int) -> tff.StructType:
   ])
 
 
+def num_shared(size: int, upload_density: float, download_density: float,
+               shared_fraction: float) -> int:
+  """How many of a device's k uploaded coordinates are the shared, public ones.
+
+  `shared_fraction` of the upload's k, at most the broadcast's k and always
+  leaving at least one coordinate the device picks itself (without which the
+  shared set could never move).
+  """
+  if not 0 <= shared_fraction < 1:
+    raise ValueError(f'shared_fraction must be in [0, 1), got {shared_fraction}.')
+  k_up = core.k_for_density(size, upload_density)
+  k_down = core.k_for_density(size, download_density)
+  return min(round(shared_fraction * k_up), k_up - 1, k_down)
+
+
+def _shared_indices(dist_state, k_shared):
+  """The largest-magnitude k_shared coordinates of the last broadcast.
+
+  Public: every up-to-date device has just decoded that broadcast, and the
+  global model it came from is DP (post-processing).
+  """
+  _, order = tf.math.top_k(tf.abs(dist_state.last_values), k=k_shared)
+  return tf.gather(dist_state.last_indices, order)
+
+
 def _split_batch(batch):
   if isinstance(batch, Mapping):
     return batch['x'], batch['y']
@@ -55,12 +81,13 @@ def _split_batch(batch):
 
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
                          noise_multiplier, batch_size, local_steps,
-                         per_example_loss_fn, seed):
+                         per_example_loss_fn, value_bits, seed):
   """The device's round as a tf.function (builds its own model, as TFF does)."""
   model = model_fn()
 
   @tf.function
-  def client_update(initial_weights, data, client_state, round_num):
+  def client_update(initial_weights, data, client_state, round_num,
+                    shared_indices):
     weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
     trainable = tuple(weights.trainable)
@@ -104,9 +131,14 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
         reduce_fn)
     update = (core.flatten(initial_weights.trainable) -
               core.flatten(weights.trainable))
+    # Example level: `update` is DP-SGD output and the shared indices are the
+    # last broadcast's, so every index chosen here is post-processing.
+    # Client level: the clipped upload is only released inside the noised sum.
     sparse, residual, clipped = core.clipped_topk_with_error_feedback(
         update, k, client_state.residual,
-        l2_norm_clip if privacy == 'client' else None)
+        l2_norm_clip if privacy == 'client' else None,
+        shared_indices=shared_indices if shared_indices.shape[0] else None,
+        value_bits=value_bits)
     upload = collections.OrderedDict(indices=sparse.indices,
                                      values=sparse.values)
     new_state = collections.OrderedDict(
@@ -129,7 +161,8 @@ def build_dp_sparse_fed_avg_process(
     l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
     clients_per_round: Optional[int], batch_size: Optional[int],
     local_steps: Optional[int], per_example_loss_fn, value_bits: int,
-    history: int, seed: Optional[int]) -> tff.templates.IterativeProcess:
+    history: int, shared_fraction: float,
+    seed: Optional[int]) -> tff.templates.IterativeProcess:
   """The TFF iterative process; see `build_dp_sparse_fed_avg` for arguments."""
   with tf.Graph().as_default():
     model = model_fn()
@@ -138,6 +171,7 @@ def build_dp_sparse_fed_avg_process(
   size = sum(int(np.prod(t.shape))
              for t in tff.structure.flatten(weights_type.trainable))
   k_up = core.k_for_density(size, upload_density)
+  k_shared = num_shared(size, upload_density, download_density, shared_fraction)
   data_type = tff.SequenceType(element_type)
   state_type = client_state_type(size)
 
@@ -155,18 +189,25 @@ def build_dp_sparse_fed_avg_process(
   aggregator = DPSparseAggregatorFactory(
       size, mode=privacy, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
-      value_bits=value_bits, seed=seed).create(sparse_type(k_up))
+      num_shared=k_shared, value_bits=value_bits,
+      seed=seed).create(sparse_type(k_up))
+  shared_type = tff.TensorType(np.int32, [k_shared])
 
-  @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32)
-  def client_update(weights, data, client_state, round_num):
+  @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32,
+                              shared_type)
+  def client_update(weights, data, client_state, round_num, shared_indices):
     return _build_client_update(
         model_fn, client_optimizer, privacy=privacy, k=k_up,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
         batch_size=batch_size, local_steps=local_steps,
-        per_example_loss_fn=per_example_loss_fn, seed=seed)(
-            weights, data, client_state, round_num)
+        per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
+        seed=seed)(weights, data, client_state, round_num, shared_indices)
 
   dist_state_type = distributor.state_type.member
+
+  @tff.tensorflow.computation(dist_state_type)
+  def shared_of(dist_state):
+    return _shared_indices(dist_state, k_shared)
 
   @tff.tensorflow.computation(dist_state_type, state_type)
   def download(dist_state, client_state):
@@ -174,6 +215,12 @@ def build_dp_sparse_fed_avg_process(
                              dist_state.history_rounds,
                              client_state.last_sync_round,
                              dist_state.round_num, size, value_bits)
+    if k_shared:  # a device that missed the last broadcast needs the indices
+      shared_index_nbytes = codec.encoded_nbytes(
+          _shared_indices(dist_state, k_shared), size,
+          value_bits) - k_shared * value_bits // 8
+      stale = dist_state.round_num - client_state.last_sync_round > 1
+      nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
     synced = collections.OrderedDict(
         residual=client_state.residual,
         last_sync_round=dist_state.round_num,
@@ -232,9 +279,11 @@ def build_dp_sparse_fed_avg_process(
         download, (tff.federated_broadcast(distributed.state), client_states))
     round_num = tff.federated_broadcast(
         tff.federated_map(round_of, distributed.state))
+    shared_indices = tff.federated_broadcast(
+        tff.federated_map(shared_of, distributed.state))
     uploads, client_states, client_metrics = tff.federated_map(
-        client_update,
-        (distributed.result, client_data, client_states, round_num))
+        client_update, (distributed.result, client_data, client_states,
+                        round_num, shared_indices))
     aggregated = aggregator.next(state.aggregator, uploads)
     server = tff.federated_map(server_update, (state.server, aggregated.result))
     count = tff.federated_sum(tff.federated_value(one(), tff.CLIENTS))
@@ -358,6 +407,7 @@ def build_dp_sparse_fed_avg(
     per_example_loss_fn=None,
     value_bits: int = 32,
     history: int = 32,
+    shared_fraction: float = 0.0,
     accountant: str = 'rdp',
     seed: Optional[int] = None) -> DPSparseFedAvg:
   """Builds bidirectional top-k federated averaging, DP at example or client level.
@@ -379,8 +429,13 @@ def build_dp_sparse_fed_avg(
       the ledger's budget is `target_epsilon`.
     per_example_loss_fn: (y_true, y_pred) -> per-example losses, for example
       mode; default sparse categorical cross-entropy on logits.
-    value_bits: 32 or 16, the wire precision of values (byte counts).
+    value_bits: 32 or 16, the wire precision of values both ways: values are
+      rounded toward zero to it (the error kept in the residuals).
     history: broadcast rounds kept for devices catching up.
+    shared_fraction: part of each upload spent on the coordinates of the
+      last broadcast with the largest magnitudes (`num_shared`): every device
+      sends values there, no indices, so their independent noise averages
+      out; the rest is the device's own top-k. 0 is plain top-k.
     seed: fixes all noise (tests); OS entropy when None.
 
   Example-level accounting is per device, worst case: it assumes a device
@@ -430,7 +485,7 @@ def build_dp_sparse_fed_avg(
       noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
       batch_size=batch_size, local_steps=local_steps,
       per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
-      history=history, seed=seed)
+      history=history, shared_fraction=shared_fraction, seed=seed)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   return DPSparseFedAvg(
       process, size=size, upload_k=core.k_for_density(size, upload_density),

@@ -41,6 +41,7 @@ class RunConfig:
   alpha: float = 0.5
   upload_density: float = 0.01
   download_density: float = 0.01
+  shared_fraction: float = 0.0
   privacy: Optional[str] = 'example'
   target_epsilon: Optional[float] = 8.0
   noise_multiplier: Optional[float] = None
@@ -120,7 +121,7 @@ def run(config: RunConfig, *, progress: bool = True,
       delta=config.delta, clients_per_round=per_round, total_clients=total,
       rounds=config.rounds, batch_size=config.batch_size,
       local_steps=config.local_steps, min_client_examples=min_examples,
-      value_bits=config.value_bits)
+      value_bits=config.value_bits, shared_fraction=config.shared_fraction)
   evaluator = keras_model()
   evaluator.compile(
       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
