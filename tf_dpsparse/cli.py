@@ -44,6 +44,7 @@ def _run(args) -> int:
       clients_per_round=args.clients_per_round, num_clients=args.num_clients,
       partition=args.partition, alpha=args.alpha,
       upload_density=args.upload_density, download_density=args.download_density,
+      shared_fraction=args.shared_fraction,
       privacy=privacy, target_epsilon=target, noise_multiplier=noise,
       l2_norm_clip=args.l2_norm_clip, delta=args.delta,
       batch_size=args.batch_size, local_steps=args.local_steps,
@@ -90,7 +91,7 @@ def _add_run(sub) -> None:
       'accuracy.png to --out.')
   run.add_argument('--dataset', default='hapt',
                    choices=('hapt', 'digits', 'mnist', 'fashion_mnist'))
-  run.add_argument('--rounds', type=int, default=30)
+  run.add_argument('--rounds', type=int, default=90)
   run.add_argument('--clients-per-round', type=int, default=None,
                    help='devices per round (expected number under Poisson '
                    'sampling for --privacy client); default: all')
@@ -102,6 +103,9 @@ def _add_run(sub) -> None:
                    help='Dirichlet label-skew concentration')
   run.add_argument('--upload-density', type=float, default=0.01)
   run.add_argument('--download-density', type=float, default=0.01)
+  run.add_argument('--shared-fraction', type=float, default=0.0,
+                   help='part of each upload spent on the coordinates of the '
+                   'last broadcast, shared by all devices (no index bytes)')
   run.add_argument('--privacy', choices=('example', 'client', 'none'),
                    default='example',
                    help='example: local DP-SGD on each device (untrusted '
@@ -113,11 +117,12 @@ def _add_run(sub) -> None:
   run.add_argument('--l2-norm-clip', type=float, default=1.0)
   run.add_argument('--delta', type=float, default=1e-5)
   run.add_argument('--batch-size', type=int, default=16)
-  run.add_argument('--local-steps', type=int, default=5,
+  run.add_argument('--local-steps', type=int, default=2,
                    help='local SGD / DP-SGD steps per device per round')
   run.add_argument('--client-lr', type=float, default=0.1)
   run.add_argument('--server-lr', type=float, default=1.0)
-  run.add_argument('--value-bits', type=int, choices=(32, 16), default=32)
+  run.add_argument('--value-bits', type=int, choices=(32, 16), default=16,
+                   help='wire precision of the values sent each way')
   run.add_argument('--seed', type=int, default=0,
                    help='data split, sampling and init (noise stays random)')
   run.add_argument('--baseline', action='store_true',

@@ -34,7 +34,7 @@ from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 class RunConfig:
   """Everything a run depends on; saved beside its results."""
   dataset: str = 'hapt'
-  rounds: int = 30
+  rounds: int = 90
   clients_per_round: Optional[int] = None  # None: every device, every round
   num_clients: Optional[int] = None  # image sets: how many devices to split into
   partition: str = 'dirichlet'
@@ -48,15 +48,16 @@ class RunConfig:
   l2_norm_clip: float = 1.0
   delta: float = 1e-5
   batch_size: int = 16
-  local_steps: int = 5
+  local_steps: int = 2
   client_learning_rate: float = 0.1
   server_learning_rate: float = 1.0
-  value_bits: int = 32
+  value_bits: int = 16
   seed: int = 0
 
   def dense(self) -> 'RunConfig':
-    """The same run at densities 1.0: the baseline of every ratio."""
-    return dataclasses.replace(self, upload_density=1.0, download_density=1.0)
+    """The same run dense and float32 both ways: the baseline of every ratio."""
+    return dataclasses.replace(self, upload_density=1.0, download_density=1.0,
+                               shared_fraction=0.0, value_bits=32)
 
 
 def _load(config: RunConfig):
