@@ -8,7 +8,9 @@ One round, in TFF's vocabulary:
 2. client work: local training (DP-SGD in example-level mode), then the
    update (initial - trained, TFF's sign) goes through
    `core.clipped_topk_with_error_feedback`: top-k with the device's
-   residual, the sent values clipped in client-level mode.
+   residual (optionally on the last broadcast's largest coordinates first:
+   `shared_fraction`), the sent values clipped in client-level mode and
+   rounded to the wire's `value_bits`.
 3. aggregate: `DPSparseAggregatorFactory` (mean; server noise in client-level
    mode).
 4. finalize: the server optimizer applies the mean to the global model.
@@ -85,7 +87,9 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
   """The device's round as a tf.function (builds its own model, as TFF does)."""
   model = model_fn()
 
-  @tf.function
+  # No Python control flow depends on tensors here: skipping autograph
+  # avoids its closure-mismatch warnings on the nested functions.
+  @tf.function(autograph=False)
   def client_update(initial_weights, data, client_state, round_num,
                     shared_indices):
     weights = tff.learning.models.ModelWeights.from_model(model)
@@ -118,6 +122,7 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
                                       step_seed)
       return core.unflatten(mean, trainable), tf.reduce_mean(losses)
 
+    @tf.autograph.experimental.do_not_convert
     def reduce_fn(loop_state, batch):
       step, loss_sum, opt_state = loop_state
       grads, loss = gradients(batch, step)
