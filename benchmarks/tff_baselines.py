@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
+from tf_dpsparse import _workers
 from tf_dpsparse import privacy as privacy_lib
 from tf_dpsparse.federated.learning import RoundOutput
 
@@ -67,6 +68,7 @@ class TffFedAvg:
     self.noise_multiplier = noise_multiplier
     self.round_event = round_event
     self.ledger = ledger
+    self._executors = _workers.LatestCardinality()
 
   def initialize(self):
     return self.process.initialize()
@@ -75,6 +77,7 @@ class TffFedAvg:
     if self.ledger is not None:
       self.ledger.record(self.round_event)
     out = self.process.next(state, client_data)
+    self._executors.use(len(client_data))
     n, dense = len(client_data), 4 * self.size
     metrics = {
         'loss': out.metrics['client_work']['train']['loss'],

@@ -131,3 +131,27 @@ def test_run_flags_default_to_run_config():
     if field.name in ('privacy', 'target_epsilon'):
       continue  # 'example' spelled as a choice; ε resolved in `_run`
     assert getattr(args, flag) == getattr(defaults, field.name), field.name
+
+def test_latest_cardinality_closes_the_previous_client_counts_executor():
+  """The worker keeps one executor stack per client count unless told."""
+  import numpy as np
+  import tensorflow_federated as tff
+
+  @tff.federated_computation(tff.FederatedType(tff.TensorType(np.float32),
+                                               tff.CLIENTS))
+  def total(values):
+    return tff.federated_sum(values)
+
+  factory = tff.framework.get_context_stack().current.executor_factory
+  executors = _workers.LatestCardinality()
+  assert total([1.0, 2.0, 3.0]) == 6.0
+  executors.use(3)
+  three = factory.create_executor({tff.CLIENTS: 3})
+  assert factory.create_executor({tff.CLIENTS: 3}) is three  # TFF caches it
+  assert total([1.0, 2.0]) == 3.0
+  executors.use(2)
+  two = factory.create_executor({tff.CLIENTS: 2})
+  assert factory.create_executor({tff.CLIENTS: 3}) is not three  # closed
+  executors.use(2)  # same count again: its stack is kept
+  assert factory.create_executor({tff.CLIENTS: 2}) is two
+  assert total([4.0, 5.0, 6.0]) == 15.0  # a closed count works again

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tf_dpsparse import _workers
 from tf_dpsparse import core
 from tf_dpsparse import privacy as privacy_lib
 from tf_dpsparse.core import codec
@@ -347,6 +348,7 @@ class DPSparseFedAvg:
     self.noise_multiplier = noise_multiplier
     self.round_event = round_event
     self.ledger = ledger
+    self._executors = _workers.LatestCardinality()
 
   def initialize(self):
     return self.iterative_process.initialize()
@@ -365,6 +367,7 @@ class DPSparseFedAvg:
       self.ledger.record(self.round_event)  # raises before any work
     state, client_states, metrics = self.iterative_process.next(
         state, client_data, client_states)
+    self._executors.use(len(client_data))
     metrics = dict(metrics)
     metrics['epsilon'] = 0.0 if self.ledger is None else self.ledger.epsilon
     metrics['dense_bytes_up'] = metrics['dense_bytes_down'] = (
