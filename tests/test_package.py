@@ -65,17 +65,26 @@ def test_tff_worker_does_not_outlive_python_and_core_runs_in_tff():
 
 
 def test_stop_workers_stops_a_child_named_worker_binary(tmp_path):
+  # In a child interpreter: stop_workers stops every worker child, which here
+  # would include the real TFF worker other tests are using.
   fake = tmp_path / 'worker_binary'
   fake.write_text('#!/bin/sh\ntrap "" INT\nsleep 300\n')
   fake.chmod(0o755)
-  proc = subprocess.Popen([str(fake)])
-  try:
-    assert proc.pid in _workers.worker_pids()
-    assert _workers.stop_workers(timeout=1.0)
-    assert proc.pid not in _workers.worker_pids()
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  out = _python(f"""
+      import os, subprocess
+      from tf_dpsparse import _workers
+      proc = subprocess.Popen([{str(fake)!r}], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+      try:
+        print(proc.pid in _workers.worker_pids())
+        print(_workers.stop_workers(timeout=1.0))
+        print(proc.pid in _workers.worker_pids(),
+              os.path.exists(f'/proc/{{proc.pid}}'))
+      finally:
+        if os.path.exists(f'/proc/{{proc.pid}}'):
+          proc.kill()
+  """)
+  assert out.strip().splitlines()[-3:] == ['True', 'True', 'False False']
 
 
 def test_cli_help():
