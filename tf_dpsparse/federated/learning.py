@@ -215,16 +215,15 @@ def build_dp_sparse_fed_avg_process(
   def shared_of(dist_state):
     return _shared_indices(dist_state, k_shared)
 
-  @tff.tensorflow.computation(dist_state_type, state_type)
-  def download(dist_state, client_state):
+  @tff.tensorflow.computation(dist_state_type, state_type, shared_type)
+  def download(dist_state, client_state, shared_indices):
     nbytes = catch_up_nbytes(dist_state.history_indices,
                              dist_state.history_rounds,
                              client_state.last_sync_round,
                              dist_state.round_num, size, value_bits)
     if k_shared:  # a device that missed the last broadcast needs the indices
       shared_index_nbytes = codec.encoded_nbytes(
-          _shared_indices(dist_state, k_shared), size,
-          value_bits) - k_shared * value_bits // 8
+          shared_indices, size, value_bits) - k_shared * value_bits // 8
       stale = dist_state.round_num - client_state.last_sync_round > 1
       nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
     synced = collections.OrderedDict(
@@ -281,12 +280,13 @@ def build_dp_sparse_fed_avg_process(
     server_weights = tff.federated_map(
         _field('global_weights', server_type), state.server)
     distributed = distributor.next(state.distributor, server_weights)
-    client_states, download_nbytes = tff.federated_map(
-        download, (tff.federated_broadcast(distributed.state), client_states))
-    round_num = tff.federated_broadcast(
-        tff.federated_map(round_of, distributed.state))
     shared_indices = tff.federated_broadcast(
         tff.federated_map(shared_of, distributed.state))
+    client_states, download_nbytes = tff.federated_map(
+        download, (tff.federated_broadcast(distributed.state), client_states,
+                   shared_indices))
+    round_num = tff.federated_broadcast(
+        tff.federated_map(round_of, distributed.state))
     uploads, client_states, client_metrics = tff.federated_map(
         client_update, (distributed.result, client_data, client_states,
                         round_num, shared_indices))
