@@ -44,8 +44,9 @@ SETUPS = {
     'digits': dict(dataset='digits', rounds=15, local_steps=5, num_clients=10,
                    partition='iid', privacy='example'),
 }
+OURS = {'ours-2%': 0.02, 'ours-1%': 0.01, 'ours-0.5%': 0.005}  # both ways
 METHODS = ('fedavg', 'dp-dense', 'compress', 'compress-dp', 'dssgd',
-           'upload-only', 'ours-2%', 'ours-1%', 'ours-0.5%')
+           'upload-only', *OURS)
 NOTES = {
     'fedavg': "TFF build_unweighted_fed_avg, dense, non-private",
     'dp-dense': 'same privacy, dense both ways (example level: ours at '
@@ -58,8 +59,8 @@ NOTES = {
              'the same bits as ours; pure ε-DP (δ = 0) by basic composition, '
              'per-coordinate bound γ',
     'upload-only': 'ours, top-1 % upload with error feedback, dense download',
-    'ours-2%': 'ours, 2 % both ways', 'ours-1%': 'ours, 1 % both ways',
-    'ours-0.5%': 'ours, 0.5 % both ways',
+    **{name: f'ours, {100 * density:g} % both ways'
+       for name, density in OURS.items()},
 }
 TFF_FED_AVG = tff_baselines.build_tff_fed_avg
 
@@ -81,9 +82,9 @@ def _method(name: str, base: simulation.RunConfig):
                                                          quantize=True))
   if name == 'dssgd':
     return replace(upload_density=0.01, download_density=0.01), dssgd.build_dssgd
-  densities = {'upload-only': (0.01, 1.0), 'ours-2%': (0.02, 0.02),
-               'ours-1%': (0.01, 0.01), 'ours-0.5%': (0.005, 0.005)}[name]
-  return (replace(upload_density=densities[0], download_density=densities[1]),
+  upload, download = ((0.01, 1.0) if name == 'upload-only' else
+                      (OURS[name], OURS[name]))
+  return (replace(upload_density=upload, download_density=download),
           build_dp_sparse_fed_avg)
 
 
@@ -113,7 +114,7 @@ def verdicts(results) -> list:
   by = {r['label']: r for r in results}
   acc = {k: 100 * r['summary']['final_accuracy'] for k, r in by.items()}
   lines = []
-  for ours in ('ours-2%', 'ours-1%', 'ours-0.5%'):
+  for ours in OURS:
     if ours not in by:
       continue
     if 'fedavg' in by:
