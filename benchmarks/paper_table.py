@@ -44,7 +44,9 @@ SETUPS = {
     'digits': dict(dataset='digits', rounds=15, local_steps=5, num_clients=10,
                    partition='iid', privacy='example'),
 }
-OURS = {'ours-2%': 0.02, 'ours-1%': 0.01, 'ours-0.5%': 0.005}  # both ways
+# name: (density both ways, catch-up of devices that missed rounds)
+OURS = {'ours-2%': (0.02, 'union'), 'ours-1%': (0.01, 'union'),
+        'ours-0.5%': (0.005, 'union'), 'ours-2%-topk': (0.02, 'topk')}
 METHODS = ('fedavg', 'dp-dense', 'compress', 'compress-dp', 'dssgd',
            'upload-only', *OURS)
 NOTES = {
@@ -59,14 +61,16 @@ NOTES = {
              'the same bits as ours; pure ε-DP (δ = 0) by basic composition, '
              'per-coordinate bound γ',
     'upload-only': 'ours, top-1 % upload with error feedback, dense download',
-    **{name: f'ours, {100 * density:g} % both ways'
-       for name, density in OURS.items()},
+    **{name: f'ours, {100 * density:g} % both ways' + (
+        '' if catch_up == 'union' else ', bounded catch-up: each device its '
+        'own view, top-k of what it missed')
+       for name, (density, catch_up) in OURS.items()},
 }
 TFF_FED_AVG = tff_baselines.build_tff_fed_avg
 
 
 def _method(name: str, base: simulation.RunConfig):
-  """(config, builder) of one method; None where it does not apply."""
+  """(config, builder) of one method, or why it does not apply here."""
   replace = functools.partial(dataclasses.replace, base)
   non_private = replace(privacy=None, target_epsilon=None)
   example = base.privacy == 'example'
@@ -77,24 +81,29 @@ def _method(name: str, base: simulation.RunConfig):
         base, TFF_FED_AVG)
   if name == 'compress':
     return non_private, functools.partial(TFF_FED_AVG, quantize=True)
-  if name == 'compress-dp':  # TFF has no example-level DP client to compose
-    return None if example else (base, functools.partial(TFF_FED_AVG,
-                                                         quantize=True))
+  if name == 'compress-dp':
+    if example:
+      return "TFF has no example-level DP client for its quantizer to compose with"
+    return base, functools.partial(TFF_FED_AVG, quantize=True)
   if name == 'dssgd':
     return replace(upload_density=0.01, download_density=0.01), dssgd.build_dssgd
-  upload, download = ((0.01, 1.0) if name == 'upload-only' else
-                      (OURS[name], OURS[name]))
-  return (replace(upload_density=upload, download_density=download),
-          build_dp_sparse_fed_avg)
+  if name == 'upload-only':
+    return (replace(upload_density=0.01, download_density=1.0),
+            build_dp_sparse_fed_avg)
+  density, catch_up = OURS[name]
+  if catch_up == 'topk' and base.clients_per_round is None:
+    return ('every device takes part in every round, so no device has a '
+            'round to catch up on: the same run as union catch-up')
+  return (replace(upload_density=density, download_density=density,
+                  catch_up=catch_up), build_dp_sparse_fed_avg)
 
 
 def run_methods(base: simulation.RunConfig, methods, progress=True):
   results = []
   for name in methods:
     method = _method(name, base)
-    if method is None:
-      print(f'skipping {name}: TFF has no example-level DP client for its '
-            'quantizer to compose with')
+    if isinstance(method, str):
+      print(f'skipping {name}: {method}')
       continue
     config, builder = method
     result = simulation.run(config, progress=progress, label=name,
@@ -167,6 +176,9 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
   parser.add_argument('--methods', nargs='+', choices=METHODS,
                       default=list(METHODS))
   parser.add_argument('--target-epsilon', type=float, default=8.0)
+  parser.add_argument('--seed', type=int, default=0,
+                      help='data split, client sampling and initial model of '
+                      'every method (DP noise comes from OS entropy)')
   parser.add_argument('--out', default='runs/bench')
   parser.add_argument('--no-progress', action='store_true')
   return parser
@@ -177,7 +189,8 @@ def main(argv=None, prog=None) -> int:
   setup = dict(SETUPS['digits' if args.quick else args.dataset])
   if args.rounds:
     setup['rounds'] = args.rounds
-  base = simulation.RunConfig(target_epsilon=args.target_epsilon, **setup)
+  base = simulation.RunConfig(target_epsilon=args.target_epsilon,
+                              seed=args.seed, **setup)
   results = run_methods(base, args.methods, progress=not args.no_progress)
   paths = simulation.save(results, args.out)
   write_csv(results, os.path.join(args.out, 'rounds.csv'))

@@ -60,3 +60,16 @@ def test_quick_bench_writes_table_csv_json_png_and_accountant_epsilon(tmp_path):
       config['rounds'] * config['local_steps'], config['delta'])
   assert summary['epsilon'] == pytest.approx(epsilon, rel=1e-9)
   assert f'{epsilon:.2f} ({config["delta"]:g})' in (out / 'table.md').read_text()
+
+
+def test_topk_catch_up_row_runs_only_where_devices_miss_rounds():
+  import paper_table
+  from tf_dpsparse.federated import simulation
+  mnist = simulation.RunConfig(**paper_table.SETUPS['mnist'])
+  config, _ = paper_table._method('ours-2%-topk', mnist)
+  assert (config.catch_up, config.upload_density, config.download_density) == (
+      'topk', 0.02, 0.02)
+  assert paper_table._method('ours-2%', mnist)[0].catch_up == 'union'
+  hapt = simulation.RunConfig(**paper_table.SETUPS['hapt'])  # all, every round
+  assert 'same run' in paper_table._method('ours-2%-topk', hapt)
+  assert 'no example-level' in paper_table._method('compress-dp', hapt)

@@ -215,3 +215,24 @@ def test_to_wire_precision_never_grows_a_magnitude():
   np.testing.assert_array_equal(tds.core.to_wire_precision(x, 32).numpy(), x)
 
 
+@pytest.mark.parametrize('value_bits', [32, 16])
+def test_sparse_sync_moves_the_view_by_the_largest_differences(value_bits):
+  rng = np.random.default_rng(4)
+  view = rng.normal(size=300).astype(np.float32)
+  target = view.copy()
+  target[:40] += rng.normal(size=40).astype(np.float32)  # 40 entries differ
+  sent, new_view = tds.core.sparse_sync(target, view, 25, value_bits)
+  diff = target - view
+  largest = np.argsort(-np.abs(diff))[:25]
+  assert set(np.asarray(sent.indices)) == set(largest)
+  values = np.asarray(sent.values)
+  np.testing.assert_array_equal(values, tds.core.to_wire_precision(
+      diff[np.asarray(sent.indices)], value_bits))
+  expected = view.copy()
+  expected[np.asarray(sent.indices)] += values  # what a receiver computes
+  np.testing.assert_array_equal(new_view, expected)
+  # Fewer differences than k: the rest of the k are zeros, and the view
+  # reaches the target (up to float32 rounding of view + (target - view)).
+  sent, new_view = tds.core.sparse_sync(target, view, 60)
+  assert np.count_nonzero(sent.values) == 40
+  np.testing.assert_allclose(new_view, target, rtol=1e-6, atol=1e-7)

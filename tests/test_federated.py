@@ -1,6 +1,7 @@
 """TFF front: parity with TFF FedAvg, DP noise, error feedback, bytes, ε."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -159,6 +160,81 @@ def test_device_that_skipped_rounds_catches_up_exactly(clients):
   assert len(payload) < tds.codec.dense_nbytes(process.size)
 
 
+def test_topk_catch_up_is_bounded_and_bit_exact(clients):
+  """Device 3 sits out rounds 2-4, then gets at most k entries of what it missed."""
+  process = _build(density=0.05, catch_up='topk', value_bits=16)
+  state = process.initialize()
+  store = federated.ClientStateStore(
+      len(clients), process.size,
+      initial_view=process.get_public_weights(state))
+  for round_num in range(1, 6):
+    ids = [0, 1, 2, 3] if round_num in (1, 5) else [0, 1, 2]
+    global_before = _flat(process.get_model_weights(state))
+    stale_view = store.view(3)
+    out = process.next(state, [clients[i] for i in ids], store.get(ids))
+    store.put(out.client_states)
+    state = out.state
+    if round_num == 1:  # nobody has anything to learn yet
+      assert out.metrics['bytes_down'] == 0
+  public = process.get_public_weights(state)
+  for i in range(3):  # devices that never missed a round hold the public model
+    np.testing.assert_array_equal(store.view(i), public)
+  payload = federated.topk_catch_up_payload(global_before, stale_view,
+                                            process.download_k, 16)
+  assert tds.codec.decode(payload, process.size).indices.size == (
+      process.download_k)
+  # Bit-exact: the bytes turn the device's old view into the one it trained from.
+  np.testing.assert_array_equal(
+      federated.apply_broadcast(stale_view, payload), store.view(3))
+  assert not np.array_equal(store.view(3), public)  # lossy: 3 rounds > k
+  broadcast = int(out.metrics['bytes_broadcast'])
+  assert out.metrics['bytes_down'] == 3 * broadcast + len(payload)
+  assert out.client_states[3]['last_sync_round'] == 5
+
+
+def test_topk_catch_up_device_trains_from_its_view(clients):
+  """The update is FedAvg's from the device's view, not from the global model."""
+  process = _build(density=1.0, catch_up='topk', catch_up_density=0.05)
+  state = process.initialize()
+  store = federated.ClientStateStore(
+      1, process.size, initial_view=process.get_public_weights(state))
+  for _ in range(2):
+    global_before = _flat(process.get_model_weights(state))
+    out = process.next(state, clients[:1], store.get([0]))
+    store.put(out.client_states)
+    state = out.state
+  view = store.view(0)
+  assert not np.allclose(view, global_before, atol=1e-4)  # it lags
+  reference = tff.learning.algorithms.build_unweighted_fed_avg(
+      model_fn, client_optimizer_fn=sgd(0.1), server_optimizer_fn=sgd(1.0))
+  ref_state = reference.initialize()
+  ref_weights = reference.get_model_weights(ref_state)
+  ref_state = reference.set_model_weights(ref_state, ref_weights._replace(
+      trainable=[w.numpy() for w in tds.core.unflatten(
+          view, ref_weights.trainable)]))
+  ref_state = reference.next(ref_state, clients[:1]).state
+  np.testing.assert_allclose(
+      _flat(process.get_model_weights(state)) - global_before,
+      _flat(reference.get_model_weights(ref_state)) - view, atol=1e-5)
+
+
+def test_simulation_with_topk_catch_up_scores_device_views():
+  """Sparse sampling: the bounded catch-up downloads less than the union."""
+  from tf_dpsparse.federated import simulation
+  config = simulation.RunConfig(
+      dataset='digits', num_clients=20, clients_per_round=5, rounds=4,
+      local_steps=1, privacy='client', target_epsilon=None,
+      noise_multiplier=0.5, upload_density=0.05, download_density=0.05)
+  union = simulation.run(config, progress=False)
+  topk = simulation.run(dataclasses.replace(config, catch_up='topk'),
+                        progress=False)
+  assert topk['config']['catch_up'] == 'topk'
+  assert ([r['clients'] for r in topk['rounds']] ==
+          [r['clients'] for r in union['rounds']])  # same sampling
+  assert 0 < topk['summary']['mb_down'] < union['summary']['mb_down']
+  assert all(0 <= r['device_accuracy'] <= 1 for r in topk['rounds'])
+
+
 def test_catch_up_bytes_union_or_dense():
   size, k, history = 1000, 10, 4
   rounds = np.array([5, 6, 3, 4], np.int32)  # slots hold rounds 3..6
@@ -270,6 +346,10 @@ def test_epsilon_client_level(clients):
      'batch_size'),
     (dict(privacy='client', l2_norm_clip=1.0, clients_per_round=2,
           total_clients=10), 'exactly one'),
+    (dict(privacy=None, catch_up='all'), 'catch_up must be'),
+    (dict(privacy=None, catch_up_density=0.1), "'topk' only"),
+    (dict(privacy=None, catch_up='topk', catch_up_density=2.0),
+     'catch_up_density'),
 ])
 def test_builder_errors(kwargs, match):
   args = dict(upload_density=0.1, download_density=0.1)
@@ -297,3 +377,35 @@ def test_client_state_store_round_trip(tmp_path, dtype):
       dtype).itemsize
   with pytest.raises(ValueError, match='float32 or float16'):
     federated.ClientStateStore(2, 2, dtype=np.int8)
+
+
+def test_client_state_store_keeps_views(tmp_path):
+  initial = np.linspace(-1, 1, 64, dtype=np.float32)
+  path = tmp_path / 'residuals.npy'
+  store = federated.ClientStateStore(1000, 64, path=str(path),
+                                     initial_view=initial)
+  states = store.get([5])
+  np.testing.assert_array_equal(states[0]['view'], initial)
+  assert list(states[0]) == ['residual', 'view', 'last_sync_round',
+                             'client_id']  # client_state_type's order
+  states[0]['view'] = states[0]['view'] + np.float32(0.25)
+  store.put(states)
+  np.testing.assert_array_equal(store.view(5), initial + np.float32(0.25))
+  np.testing.assert_array_equal(store.view(6), initial)
+  assert (tmp_path / 'residuals.npy.views.npy').stat().st_size >= 1000 * 64 * 4
+  with pytest.raises(ValueError, match='no views'):
+    federated.ClientStateStore(2, 64).view(0)
+  with pytest.raises(ValueError, match='initial_view'):
+    federated.ClientStateStore(2, 64, initial_view=np.zeros(3))
+
+
+def test_initial_client_state_of_topk_needs_the_state():
+  process = _build(density=0.1, catch_up='topk')
+  with pytest.raises(ValueError, match='initialized state'):
+    process.initial_client_state(0)
+  state = process.initialize()
+  client_state = process.initial_client_state(7, state)
+  np.testing.assert_array_equal(client_state['view'],
+                                process.get_public_weights(state))
+  assert list(client_state) == ['residual', 'view', 'last_sync_round',
+                                'client_id']

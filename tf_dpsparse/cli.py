@@ -44,8 +44,8 @@ def _run(args) -> int:
       clients_per_round=args.clients_per_round, num_clients=args.num_clients,
       partition=args.partition, alpha=args.alpha,
       upload_density=args.upload_density, download_density=args.download_density,
-      shared_fraction=args.shared_fraction,
-      privacy=privacy, target_epsilon=target, noise_multiplier=noise,
+      shared_fraction=args.shared_fraction, catch_up=args.catch_up,
+      catch_up_density=args.catch_up_density, privacy=privacy, target_epsilon=target, noise_multiplier=noise,
       l2_norm_clip=args.l2_norm_clip, delta=args.delta,
       batch_size=args.batch_size, local_steps=args.local_steps,
       client_learning_rate=args.client_lr,
@@ -106,6 +106,14 @@ def _add_run(sub) -> None:
   run.add_argument('--shared-fraction', type=float, default=0.0,
                    help='part of each upload spent on the coordinates of the '
                    'last broadcast, shared by all devices (no index bytes)')
+  run.add_argument('--catch-up', choices=('union', 'topk'), default='union',
+                   help='how a device that missed rounds catches up: union '
+                   '(exact; cheap when devices take part in most rounds) or '
+                   'topk (each device its own view, top-k of what it missed: '
+                   'bounded bytes under sparse client sampling)')
+  run.add_argument('--catch-up-density', type=float, default=None,
+                   help='topk: fraction of parameters per catch-up '
+                   '(default: --download-density)')
   run.add_argument('--privacy', choices=('example', 'client', 'none'),
                    default='example',
                    help='example: local DP-SGD on each device (untrusted '

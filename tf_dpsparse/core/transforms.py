@@ -270,6 +270,26 @@ def to_wire_precision(values: tf.Tensor, value_bits: int = 32) -> tf.Tensor:
   return tf.cast(tf.where(rounded_up, toward_zero, half), tf.float32)
 
 
+def sparse_sync(target, view, k: int, value_bits: int = 32):
+  """Moves `view` toward `target` by the top-k of their difference.
+
+  Returns `(sent, new_view)`: `sent` holds the k largest-magnitude entries of
+  (target - view) rounded to the wire's `value_bits` (toward zero), and
+  `new_view = view + sent` in float32, which is exactly what a receiver
+  computes from the decoded bytes (`tds.federated.apply_broadcast`). What
+  is not sent, rounding included, stays in (target - new_view): error
+  feedback. `sent` has a static k, so it may carry zeros when fewer than k
+  entries differ. The server's broadcast (view: the public model) and a
+  device's lossy catch-up (view: that device's model) are both this.
+
+  Privacy: post-processing when `target` and `view` are.
+  """
+  sent, _ = topk_with_error_feedback(target - view, k)
+  sent = sent._replace(values=to_wire_precision(sent.values, value_bits))
+  return sent, tf.tensor_scatter_nd_add(view, sent.indices[:, None],
+                                        sent.values)
+
+
 def densify(sparse: SparseUpdate) -> tf.Tensor:
   """The dense float32[size] vector a `SparseUpdate` stands for."""
   indices = tf.convert_to_tensor(sparse.indices, tf.int32)

@@ -15,6 +15,7 @@ from tf_dpsparse.federated.distributor import apply_catch_up
 from tf_dpsparse.federated.distributor import build_sparse_distributor
 from tf_dpsparse.federated.distributor import catch_up_nbytes
 from tf_dpsparse.federated.distributor import catch_up_payload
+from tf_dpsparse.federated.distributor import topk_catch_up_payload
 from tf_dpsparse.federated.learning import DPSparseFedAvg
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 from tf_dpsparse.federated.learning import num_shared
@@ -25,5 +26,6 @@ __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
     'apply_broadcast', 'apply_catch_up', 'build_dp_sparse_fed_avg',
     'build_sparse_distributor', 'catch_up_nbytes', 'catch_up_payload', 'num_shared',
+    'topk_catch_up_payload',
     'sparse_type'
 ]

@@ -4,7 +4,9 @@ A real device keeps its own residual. A simulation of thousands of devices
 keeps them here, optionally float16 and/or memory-mapped so 10,000 clients of
 a 100k-parameter model fit in 2 GB, and passes only the sampled clients'
 states into each round. float16 storage rounds the residual (documented
-trade-off); float32 keeps error feedback exact.
+trade-off); float32 keeps error feedback exact. With 'topk' catch-up each
+device also has its own view of the model, always float32: the server's
+catch-up is computed against it and must match the device bit for bit.
 """
 
 from __future__ import annotations
@@ -16,18 +18,36 @@ import numpy as np
 
 
 class ClientStateStore:
-  """Residuals [num_clients, size] and last-sync rounds, by integer client id."""
+  """Residuals [num_clients, size] and last-sync rounds, by integer client id.
+
+  `initial_view` (flat float32[size], the initial public model) adds a view
+  per device, for `catch_up='topk'`; `path` memory-maps the residuals there
+  and the views beside them (`<path>.views.npy`).
+  """
 
   def __init__(self, num_clients: int, size: int, *, dtype=np.float32,
-               path: Optional[str] = None):
+               path: Optional[str] = None,
+               initial_view: Optional[np.ndarray] = None):
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float16):
       raise ValueError(f'dtype must be float32 or float16, got {dtype}.')
     shape = (int(num_clients), int(size))
-    if path is None:
-      self._residuals = np.zeros(shape, dtype)
-    else:
-      self._residuals = np.lib.format.open_memmap(path, 'w+', dtype, shape)
+
+    def array(path, dtype):
+      if path is None:
+        return np.zeros(shape, dtype)
+      return np.lib.format.open_memmap(path, 'w+', dtype, shape)
+
+    self._residuals = array(path, dtype)
+    self._views = None
+    if initial_view is not None:
+      initial_view = np.asarray(initial_view, np.float32)
+      if initial_view.shape != (shape[1],):
+        raise ValueError(f'initial_view must have shape ({size},), got '
+                         f'{initial_view.shape}.')
+      self._views = array(None if path is None else f'{path}.views.npy',
+                          np.float32)
+      self._views[:] = initial_view
     self._last_sync = np.zeros(num_clients, np.int32)
 
   @property
@@ -35,16 +55,30 @@ class ClientStateStore:
     return self._residuals.shape[0]
 
   def get(self, client_ids: Iterable[int]) -> List[collections.OrderedDict]:
-    return [collections.OrderedDict(
-        residual=self._residuals[i].astype(np.float32),
-        last_sync_round=np.int32(self._last_sync[i]),
-        client_id=np.int32(i)) for i in client_ids]
+    states = []
+    for i in client_ids:
+      state = collections.OrderedDict(
+          residual=self._residuals[i].astype(np.float32))
+      if self._views is not None:
+        state['view'] = np.array(self._views[i])
+      state.update(last_sync_round=np.int32(self._last_sync[i]),
+                   client_id=np.int32(i))
+      states.append(state)
+    return states
 
   def put(self, states) -> None:
     for state in states:
       i = int(state['client_id'])
       self._residuals[i] = state['residual']
+      if self._views is not None:
+        self._views[i] = state['view']
       self._last_sync[i] = state['last_sync_round']
 
   def residual(self, client_id: int) -> np.ndarray:
     return self._residuals[client_id].astype(np.float32)
+
+  def view(self, client_id: int) -> np.ndarray:
+    """The model device `client_id` holds ('topk' catch-up only)."""
+    if self._views is None:
+      raise ValueError('this store keeps no views (no initial_view given).')
+    return np.array(self._views[client_id])

@@ -9,12 +9,19 @@ server residual, and competes for the next broadcast.
 A device that skipped rounds catches up with the union of the index sets
 broadcast since it last synced (values read off the current public model), or
 with the dense model when that is smaller or older than the kept history; its
-exact bytes are `catch_up_nbytes`. In simulation devices receive the
+exact bytes are `catch_up_nbytes`. That exact catch-up is cheap only when
+devices take part in most rounds; with sparse client sampling a returning
+device has missed so many broadcasts that the union nears the dense model.
+`topk_catch_up` bounds it instead: the device gets the top-k of (global -
+its own view), the same operation as the broadcast (`core.sparse_sync`), and what
+is not sent stays in (global - view) for its next visit. In simulation devices receive the
 reconstructed public weights directly; `apply_broadcast` is what a real
 device does with the bytes, and the tests check the two agree bit for bit.
 
 Privacy: the global model is a function of DP uploads (example-level) or of
 the noised aggregate (client-level), so choosing its top-k is post-processing.
+So is a device's view: a function of the global models at the rounds the
+server sampled it, and sampling does not depend on any data.
 """
 
 from __future__ import annotations
@@ -57,6 +64,42 @@ def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
   dense = tf.constant(codec.dense_nbytes(size, value_bits), tf.int64)
   nbytes = tf.where(covered, tf.minimum(sparse_nbytes, dense), dense)
   return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
+
+
+def _nonzero(sent: core.SparseUpdate) -> core.SparseUpdate:
+  keep = tf.not_equal(sent.values, 0.0)
+  return sent._replace(indices=tf.boolean_mask(sent.indices, keep),
+                       values=tf.boolean_mask(sent.values, keep))
+
+
+def topk_catch_up(target, view, k: int, value_bits: int = 32):
+  """A device's lossy catch-up: `(new_view, nbytes)`.
+
+  `core.sparse_sync` of its view toward `target` (the global model), the zero
+  entries dropped so a device with nothing to learn downloads nothing. A
+  device that synced last round holds the public model, and its catch-up is
+  then exactly that round's broadcast; one that missed rounds gets the k
+  largest of everything it missed, and the rest waits for its next visit.
+  """
+  sent, new_view = core.sparse_sync(target, view, k, value_bits)
+  indices = _nonzero(sent).indices
+  nbytes = tf.where(tf.size(indices) > 0,
+                    codec.encoded_nbytes(indices, int(sent.size), value_bits),
+                    tf.constant(0, tf.int64))
+  return new_view, nbytes
+
+
+def topk_catch_up_payload(target, view, k: int, value_bits: int = 32):
+  """The bytes of `topk_catch_up`, or None when there is nothing to send.
+
+  A device applies them with `apply_broadcast` (they are deltas).
+  """
+  sent, _ = core.sparse_sync(tf.constant(target, tf.float32),
+                             tf.constant(view, tf.float32), k, value_bits)
+  sent = _nonzero(sent)
+  if not int(tf.size(sent.indices)):
+    return None
+  return codec.encode(sent, value_bits=value_bits)
 
 
 def catch_up_payload(state, last_sync_round: int, value_bits: int = 32):
@@ -143,12 +186,8 @@ def build_sparse_distributor(
 
   @tff.tensorflow.computation(state_type, weights_type)
   def broadcast(state, weights):
-    residual = core.flatten(weights.trainable) - state.public
-    sparse, _ = core.topk_with_error_feedback(residual, k)
-    sparse = sparse._replace(
-        values=core.to_wire_precision(sparse.values, value_bits))
-    public = tf.tensor_scatter_nd_add(state.public, sparse.indices[:, None],
-                                      sparse.values)
+    sparse, public = core.sparse_sync(core.flatten(weights.trainable),
+                                 state.public, k, value_bits)
     round_num = state.round_num + 1
     slot = tf.math.floormod(round_num, history)
     new_state = collections.OrderedDict(

@@ -4,7 +4,10 @@ One round, in TFF's vocabulary:
 
 1. distribute: `build_sparse_distributor` broadcasts the top-k change of the
    global model; devices reconstruct the *public* model and train from it.
-   Each device's catch-up download is counted from the broadcast history.
+   A device that missed rounds catches up (`catch_up`): exactly, with the
+   union of what it missed ('union', counted from the broadcast history), or
+   within a byte budget ('topk': each device keeps its own view, downloads
+   the top-k of (global - view) and trains from its view).
 2. client work: local training (DP-SGD in example-level mode), then the
    update (initial - trained, TFF's sign) goes through
    `core.clipped_topk_with_error_feedback`: top-k with the device's
@@ -40,12 +43,20 @@ from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.distributor import build_sparse_distributor
 from tf_dpsparse.federated.distributor import catch_up_nbytes
+from tf_dpsparse.federated.distributor import topk_catch_up
+
+CATCH_UPS = ('union', 'topk')
 
 
-def client_state_type(size: int) -> tff.StructType:
-  """Per-device state: the upload residual, the round it last synced, its id."""
+def client_state_type(size: int, with_view: bool = False) -> tff.StructType:
+  """Per-device state: the upload residual, the round it last synced, its id.
+
+  With `with_view` ('topk' catch-up) also the device's own model weights,
+  which may lag the public model.
+  """
   return tff.StructType([
       ('residual', tff.TensorType(np.float32, [size])),
+      *([('view', tff.TensorType(np.float32, [size]))] if with_view else []),
       ('last_sync_round', tff.TensorType(np.int32)),
       ('client_id', tff.TensorType(np.int32)),
   ])
@@ -85,7 +96,11 @@ def _split_batch(batch):
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
                          noise_multiplier, batch_size, local_steps,
                          per_example_loss_fn, value_bits, seed):
-  """The device's round as a tf.function (builds its own model, as TFF does)."""
+  """The device's round as a tf.function (builds its own model, as TFF does).
+
+  It trains from `initial_weights` and returns the client state with the new
+  residual, every other field unchanged.
+  """
   model = model_fn()
 
   # No Python control flow depends on tensors here: skipping autograph
@@ -147,9 +162,8 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
         value_bits=value_bits)
     upload = collections.OrderedDict(indices=sparse.indices,
                                      values=sparse.values)
-    new_state = collections.OrderedDict(
-        residual=residual, last_sync_round=client_state.last_sync_round,
-        client_id=client_state.client_id)
+    new_state = tff.structure.to_odict(client_state)
+    new_state['residual'] = residual
     metrics = collections.OrderedDict(
         loss=loss_sum / tf.maximum(tf.cast(steps, tf.float32), 1.0),
         clipped=tf.cast(clipped, tf.float32),
@@ -167,7 +181,8 @@ def build_dp_sparse_fed_avg_process(
     l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
     clients_per_round: Optional[int], batch_size: Optional[int],
     local_steps: Optional[int], per_example_loss_fn, value_bits: int,
-    history: int, shared_fraction: float,
+    history: int, shared_fraction: float, catch_up: str,
+    catch_up_density: float,
     seed: Optional[int]) -> tff.templates.IterativeProcess:
   """The TFF iterative process; see `build_dp_sparse_fed_avg` for arguments."""
   with tf.Graph().as_default():
@@ -179,7 +194,9 @@ def build_dp_sparse_fed_avg_process(
   k_up = core.k_for_density(size, upload_density)
   k_shared = num_shared(size, upload_density, download_density, shared_fraction)
   data_type = tff.SequenceType(element_type)
-  state_type = client_state_type(size)
+  from_view = catch_up == 'topk'
+  k_catch_up = core.k_for_density(size, catch_up_density)
+  state_type = client_state_type(size, with_view=from_view)
 
   @tff.tensorflow.computation
   def initial_weights():
@@ -202,6 +219,10 @@ def build_dp_sparse_fed_avg_process(
   @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32,
                               shared_type)
   def client_update(weights, data, client_state, round_num, shared_indices):
+    if from_view:  # the device's own model, not the public one
+      weights = tff.learning.models.ModelWeights(
+          trainable=list(core.unflatten(client_state.view, weights.trainable)),
+          non_trainable=weights.non_trainable)
     return _build_client_update(
         model_fn, client_optimizer, privacy=privacy, k=k_up,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
@@ -215,21 +236,25 @@ def build_dp_sparse_fed_avg_process(
   def shared_of(dist_state):
     return _shared_indices(dist_state, k_shared)
 
-  @tff.tensorflow.computation(dist_state_type, state_type, shared_type)
-  def download(dist_state, client_state, shared_indices):
-    nbytes = catch_up_nbytes(dist_state.history_indices,
-                             dist_state.history_rounds,
-                             client_state.last_sync_round,
-                             dist_state.round_num, size, value_bits)
+  @tff.tensorflow.computation(dist_state_type, state_type, shared_type,
+                              weights_type)
+  def download(dist_state, client_state, shared_indices, global_weights):
+    synced = tff.structure.to_odict(client_state)
+    synced['last_sync_round'] = dist_state.round_num
+    if from_view:
+      synced['view'], nbytes = topk_catch_up(
+          core.flatten(global_weights.trainable), client_state.view,
+          k_catch_up, value_bits)
+    else:
+      nbytes = catch_up_nbytes(dist_state.history_indices,
+                               dist_state.history_rounds,
+                               client_state.last_sync_round,
+                               dist_state.round_num, size, value_bits)
     if k_shared:  # a device that missed the last broadcast needs the indices
       shared_index_nbytes = codec.encoded_nbytes(
           shared_indices, size, value_bits) - k_shared * value_bits // 8
       stale = dist_state.round_num - client_state.last_sync_round > 1
       nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
-    synced = collections.OrderedDict(
-        residual=client_state.residual,
-        last_sync_round=dist_state.round_num,
-        client_id=client_state.client_id)
     return synced, nbytes
 
   @tff.tensorflow.computation
@@ -282,9 +307,11 @@ def build_dp_sparse_fed_avg_process(
     distributed = distributor.next(state.distributor, server_weights)
     shared_indices = tff.federated_broadcast(
         tff.federated_map(shared_of, distributed.state))
+    # The per-device download is a server computation placed at CLIENTS
+    # (where the device's state is); devices get only what it counts.
     client_states, download_nbytes = tff.federated_map(
         download, (tff.federated_broadcast(distributed.state), client_states,
-                   shared_indices))
+                   shared_indices, tff.federated_broadcast(server_weights)))
     round_num = tff.federated_broadcast(
         tff.federated_map(round_of, distributed.state))
     uploads, client_states, client_metrics = tff.federated_map(
@@ -338,10 +365,11 @@ class DPSparseFedAvg:
   `tds.privacy.BudgetExhaustedError` (doing no work) past the budget.
   """
 
-  def __init__(self, process, *, size, upload_k, download_k, privacy,
-               noise_multiplier, round_event, ledger):
+  def __init__(self, process, *, size, upload_k, download_k, catch_up,
+               privacy, noise_multiplier, round_event, ledger):
     self.iterative_process = process
     self.size = size
+    self.catch_up = catch_up
     self.upload_k = upload_k
     self.download_k = download_k
     self.privacy = privacy
@@ -353,11 +381,22 @@ class DPSparseFedAvg:
   def initialize(self):
     return self.iterative_process.initialize()
 
-  def initial_client_state(self, client_id: int):
-    """A device that ships with the initial model and an empty residual."""
-    return collections.OrderedDict(
-        residual=np.zeros(self.size, np.float32),
-        last_sync_round=np.int32(0), client_id=np.int32(client_id))
+  def initial_client_state(self, client_id: int, state=None):
+    """A device that ships with the initial model and an empty residual.
+
+    With 'topk' catch-up the state holds the device's view, so pass the
+    initialized `state` it is read from.
+    """
+    client_state = collections.OrderedDict(
+        residual=np.zeros(self.size, np.float32))
+    if self.catch_up == 'topk':
+      if state is None:
+        raise ValueError("catch_up='topk': pass the initialized state, the "
+                         "device's view starts as its public model.")
+      client_state['view'] = self.get_public_weights(state)
+    client_state.update(last_sync_round=np.int32(0),
+                        client_id=np.int32(client_id))
+    return client_state
 
   def next(self, state, client_data, client_states) -> RoundOutput:
     if len(client_data) != len(client_states):
@@ -416,6 +455,8 @@ def build_dp_sparse_fed_avg(
     value_bits: int = 32,
     history: int = 32,
     shared_fraction: float = 0.0,
+    catch_up: str = 'union',
+    catch_up_density: Optional[float] = None,
     accountant: str = 'rdp',
     seed: Optional[int] = None) -> DPSparseFedAvg:
   """Builds bidirectional top-k federated averaging, DP at example or client level.
@@ -439,7 +480,18 @@ def build_dp_sparse_fed_avg(
       mode; default sparse categorical cross-entropy on logits.
     value_bits: 32 or 16, the wire precision of values both ways: values are
       rounded toward zero to it (the error kept in the residuals).
-    history: broadcast rounds kept for devices catching up.
+    history: broadcast rounds kept for devices catching up ('union').
+    catch_up: how a device that missed rounds gets the current model.
+      'union' (exact): the union of the broadcasts it missed, or the dense
+      model once they leave the history. Cheap when devices take part in
+      most rounds (HAPT's 30 users); with sparse sampling (50 of 1,000) a
+      returning device has missed ~20 broadcasts and the download nears
+      20 % of dense. 'topk' (bounded): each device keeps its own view and
+      downloads the top-k of (global - view) at `catch_up_density`, the rest
+      kept for its next visit (error feedback per device); it trains from
+      that view, which may lag the public model. The state then holds a
+      float32 view per device.
+    catch_up_density: 'topk' only; default `download_density`.
     shared_fraction: part of each upload spent on the coordinates of the
       last broadcast with the largest magnitudes (`num_shared`): every device
       sends values there, no indices, so their independent noise averages
@@ -457,6 +509,15 @@ def build_dp_sparse_fed_avg(
                         ('download_density', download_density)):
     if not 0 < density <= 1:
       raise ValueError(f'{name} must be in (0, 1], got {density}.')
+  if catch_up not in CATCH_UPS:
+    raise ValueError(f'catch_up must be one of {CATCH_UPS}, got {catch_up!r}.')
+  if catch_up_density is None:
+    catch_up_density = download_density
+  elif catch_up != 'topk':
+    raise ValueError("catch_up_density applies to catch_up='topk' only.")
+  elif not 0 < catch_up_density <= 1:
+    raise ValueError(
+        f'catch_up_density must be in (0, 1], got {catch_up_density}.')
   if server_optimizer_fn is None:
     server_optimizer_fn = tff.learning.optimizers.build_sgdm(learning_rate=1.0)
   round_event, ledger = None, None
@@ -493,10 +554,12 @@ def build_dp_sparse_fed_avg(
       noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
       batch_size=batch_size, local_steps=local_steps,
       per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
-      history=history, shared_fraction=shared_fraction, seed=seed)
+      history=history, shared_fraction=shared_fraction, catch_up=catch_up,
+      catch_up_density=catch_up_density, seed=seed)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   return DPSparseFedAvg(
       process, size=size, upload_k=core.k_for_density(size, upload_density),
-      download_k=core.k_for_density(size, download_density), privacy=privacy,
+      download_k=core.k_for_density(size, download_density),
+      catch_up=catch_up, privacy=privacy,
       noise_multiplier=noise_multiplier, round_event=round_event,
       ledger=ledger)

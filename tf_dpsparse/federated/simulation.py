@@ -30,6 +30,9 @@ from tf_dpsparse.federated.client_states import ClientStateStore
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 
 
+DEVICES_SCORED = 5  # views scored per round with catch_up='topk'
+
+
 @dataclasses.dataclass
 class RunConfig:
   """Everything a run depends on; saved beside its results."""
@@ -42,6 +45,8 @@ class RunConfig:
   upload_density: float = 0.01
   download_density: float = 0.01
   shared_fraction: float = 0.0
+  catch_up: str = 'union'
+  catch_up_density: Optional[float] = None  # 'topk': default download_density
   privacy: Optional[str] = 'example'
   target_epsilon: Optional[float] = 8.0
   noise_multiplier: Optional[float] = None
@@ -122,14 +127,24 @@ def run(config: RunConfig, *, progress: bool = True,
       delta=config.delta, clients_per_round=per_round, total_clients=total,
       rounds=config.rounds, batch_size=config.batch_size,
       local_steps=config.local_steps, min_client_examples=min_examples,
-      value_bits=config.value_bits, shared_fraction=config.shared_fraction)
+      value_bits=config.value_bits, shared_fraction=config.shared_fraction,
+      catch_up=config.catch_up, catch_up_density=config.catch_up_density)
   evaluator = keras_model()
   evaluator.compile(
       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       metrics=['accuracy'])
-  store = ClientStateStore(total, process.size)
   rng = np.random.default_rng(config.seed)
   state = process.initialize()
+  own_views = getattr(process, 'catch_up', None) == 'topk'
+  store = ClientStateStore(
+      total, process.size,
+      initial_view=process.get_public_weights(state) if own_views else None)
+
+  def accuracy_of(flat_weights) -> float:
+    for variable, value in zip(evaluator.trainable_weights, core.unflatten(
+        flat_weights, evaluator.trainable_weights)):
+      variable.assign(value)
+    return evaluator.evaluate(x_test, y_test, batch_size=1024, verbose=0)[1]
 
   rounds: List[dict] = []
   cumulative = {'up': 0, 'down': 0, 'dense': 0}
@@ -161,15 +176,16 @@ def run(config: RunConfig, *, progress: bool = True,
     test_loss, accuracy = evaluator.evaluate(x_test, y_test, batch_size=1024,
                                              verbose=0)
     # With a compressed download, devices hold the public model, not the
-    # server's: score that too (it is what users of the devices get).
+    # server's: score that too (it is what users of the devices get). With
+    # their own views, score the round's devices' (DEVICES_SCORED of them,
+    # all of them in the last round).
     device_accuracy = accuracy
-    get_public = getattr(process, 'get_public_weights', None)
-    if get_public is not None:
-      public = core.unflatten(get_public(state), evaluator.trainable_weights)
-      for variable, value in zip(evaluator.trainable_weights, public):
-        variable.assign(value)
-      _, device_accuracy = evaluator.evaluate(x_test, y_test, batch_size=1024,
-                                              verbose=0)
+    if own_views:
+      scored = out.client_states[:None if round_num == config.rounds
+                                 else DEVICES_SCORED]
+      device_accuracy = np.mean([accuracy_of(s['view']) for s in scored])
+    elif hasattr(process, 'get_public_weights'):
+      device_accuracy = accuracy_of(process.get_public_weights(state))
     m = out.metrics
     cumulative['up'] += int(m['bytes_up'])
     cumulative['down'] += int(m['bytes_down'])
