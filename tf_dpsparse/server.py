@@ -158,11 +158,10 @@ class PayloadRound:
     else:
       aggregate = self._total / max(len(self._accepted), 1)
     self._global += np.float32(self._server_learning_rate) * aggregate
-    sparse, _ = core.topk_with_error_feedback(self._global - self._public,
-                                              self.k)
-    download = codec.encode(sparse, value_bits=self._value_bits)
-    sent = codec.decode(download, self.size)  # what devices will add
-    self._public[sent.indices] += sent.values
+    sent, public = core.sparse_sync(self._global, self._public, self.k,
+                                    self._value_bits)
+    download = codec.encode(sent, value_bits=self._value_bits)  # lossless
+    self._public = public.numpy()  # what devices get from `download`
     result = RoundResult(
         download=download, accepted=tuple(self._accepted),
         rejected=dict(self._rejected), bytes_up=self._bytes_up,
