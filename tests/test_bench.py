@@ -66,9 +66,9 @@ def test_topk_catch_up_row_runs_only_where_devices_miss_rounds():
   import paper_table
   from tf_dpsparse.federated import simulation
   mnist = simulation.RunConfig(**paper_table.SETUPS['mnist'])
-  config, _ = paper_table._method('ours-2%-topk', mnist)
-  assert (config.catch_up, config.upload_density, config.download_density) == (
-      'topk', 0.02, 0.02)
+  config, _ = paper_table._method('ours-2%-topk-3%', mnist)
+  assert (config.catch_up, config.upload_density, config.download_density,
+          config.catch_up_density) == ('topk', 0.02, 0.02, 0.03)
   assert paper_table._method('ours-2%', mnist)[0].catch_up == 'union'
   hapt = simulation.RunConfig(**paper_table.SETUPS['hapt'])  # all, every round
   assert 'same run' in paper_table._method('ours-2%-topk', hapt)
