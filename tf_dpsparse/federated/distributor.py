@@ -13,10 +13,11 @@ exact bytes are `catch_up_nbytes`. That exact catch-up is cheap only when
 devices take part in most rounds; with sparse client sampling a returning
 device has missed so many broadcasts that the union nears the dense model.
 `topk_catch_up` bounds it instead: the device gets the top-k of (global -
-its own view), the same operation as the broadcast (`core.sparse_sync`), and what
-is not sent stays in (global - view) for its next visit. In simulation devices receive the
-reconstructed public weights directly; `apply_broadcast` is what a real
-device does with the bytes, and the tests check the two agree bit for bit.
+its own view), the same operation as the broadcast (`core.sparse_sync`), and
+what is not sent stays in (global - view) for its next visit. In simulation
+devices receive the reconstructed public weights directly; `apply_broadcast`
+is what a real device does with the bytes, and the tests check the two agree
+bit for bit.
 
 Privacy: the global model is a function of DP uploads (example-level) or of
 the noised aggregate (client-level), so choosing its top-k is post-processing.
@@ -187,7 +188,7 @@ def build_sparse_distributor(
   @tff.tensorflow.computation(state_type, weights_type)
   def broadcast(state, weights):
     sparse, public = core.sparse_sync(core.flatten(weights.trainable),
-                                 state.public, k, value_bits)
+                                      state.public, k, value_bits)
     round_num = state.round_num + 1
     slot = tf.math.floormod(round_num, history)
     new_state = collections.OrderedDict(

@@ -236,9 +236,7 @@ def build_dp_sparse_fed_avg_process(
   def shared_of(dist_state):
     return _shared_indices(dist_state, k_shared)
 
-  @tff.tensorflow.computation(dist_state_type, state_type, shared_type,
-                              weights_type)
-  def download(dist_state, client_state, shared_indices, global_weights):
+  def sync_client(dist_state, client_state, shared_indices, global_weights):
     synced = tff.structure.to_odict(client_state)
     synced['last_sync_round'] = dist_state.round_num
     if from_view:
@@ -256,6 +254,16 @@ def build_dp_sparse_fed_avg_process(
       stale = dist_state.round_num - client_state.last_sync_round > 1
       nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
     return synced, nbytes
+
+  # Only the 'topk' catch-up reads the global model: 'union' is not handed it.
+  download_types = (dist_state_type, state_type, shared_type)
+  if from_view:
+    download = tff.tensorflow.computation(*download_types, weights_type)(
+        sync_client)
+  else:
+    download = tff.tensorflow.computation(*download_types)(
+        lambda dist_state, client_state, shared_indices: sync_client(
+            dist_state, client_state, shared_indices, None))
 
   @tff.tensorflow.computation
   def server_init():
@@ -309,9 +317,11 @@ def build_dp_sparse_fed_avg_process(
         tff.federated_map(shared_of, distributed.state))
     # The per-device download is a server computation placed at CLIENTS
     # (where the device's state is); devices get only what it counts.
-    client_states, download_nbytes = tff.federated_map(
-        download, (tff.federated_broadcast(distributed.state), client_states,
-                   shared_indices, tff.federated_broadcast(server_weights)))
+    download_args = (tff.federated_broadcast(distributed.state), client_states,
+                     shared_indices)
+    if from_view:
+      download_args += (tff.federated_broadcast(server_weights),)
+    client_states, download_nbytes = tff.federated_map(download, download_args)
     round_num = tff.federated_broadcast(
         tff.federated_map(round_of, distributed.state))
     uploads, client_states, client_metrics = tff.federated_map(
