@@ -200,7 +200,7 @@ def main(argv=None, prog=None) -> int:
   setup = dict(SETUPS['digits' if args.quick else args.dataset])
   if args.rounds:
     setup['rounds'] = args.rounds
-  if args.l2_norm_clip:
+  if args.l2_norm_clip is not None:
     setup['l2_norm_clip'] = args.l2_norm_clip
   base = simulation.RunConfig(target_epsilon=args.target_epsilon,
                               seed=args.seed, **setup)

@@ -75,3 +75,9 @@ def test_topk_catch_up_row_runs_only_where_devices_miss_rounds():
   hapt = simulation.RunConfig(**paper_table.SETUPS['hapt'])  # all, every round
   assert 'same run' in paper_table._method('ours-2%-topk', hapt)
   assert 'no example-level' in paper_table._method('compress-dp', hapt)
+
+
+def test_zero_clip_reaches_the_builder_error(tmp_path):
+  with pytest.raises(ValueError, match='l2_norm_clip'):
+    cli.main(['bench', '--quick', '--rounds', '1', '--methods', 'ours-1%',
+              '--l2-norm-clip', '0', '--out', str(tmp_path), '--no-progress'])
