@@ -31,7 +31,7 @@ def updates(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(updates(), st.sampled_from([32, 16]),
+@given(updates(), st.sampled_from([32, 16, 8]),
        st.sampled_from(['auto', 'rice', 'bitmap', 'raw']))
 def test_roundtrip(sparse, value_bits, index_coding):
   payload = tds.codec.encode(sparse, value_bits, index_coding)
@@ -41,6 +41,11 @@ def test_roundtrip(sparse, value_bits, index_coding):
   expected = sparse.values[order]
   if value_bits == 16:
     expected = expected.astype(np.float16).astype(np.float32)
+  if value_bits == 8:
+    expected = tds.core.to_wire_precision(expected, 8).numpy()
+    # what a device sends is already at wire precision: encoding it again
+    # gives the same bytes
+    assert tds.codec.encode(decoded, 8, index_coding) == payload
   np.testing.assert_array_equal(decoded.values, expected)
   assert decoded.indices.dtype == np.int32
   assert decoded.values.dtype == np.float32
@@ -109,7 +114,9 @@ def test_encode_rejects_invalid_updates():
   with pytest.raises(ValueError, match=r'\[0, 5\)'):
     tds.codec.encode(S(np.array([5]), np.ones(1, np.float32), 5))
   with pytest.raises(ValueError, match='value_bits'):
-    tds.codec.encode(S(np.array([1]), np.ones(1, np.float32), 5), 8)
+    tds.codec.encode(S(np.array([1]), np.ones(1, np.float32), 5), 4)
+  with pytest.raises(ValueError, match='finite'):
+    tds.codec.encode(S(np.array([1]), np.array([np.inf], np.float32), 5), 8)
 
 
 # ------------------------------------------------ one test per defect class ---
@@ -201,6 +208,28 @@ def test_nan_inf_values(value_bits, bad):
     tds.codec.decode(bytes(payload), SIZE)
 
 
+@pytest.mark.parametrize('exponent', [-127, 123])
+def test_eight_bit_exponent_out_of_range(exponent):
+  payload = bytearray(_payload(value_bits=8, k=10))
+  payload[-11] = np.int8(exponent).view(np.uint8)
+  with pytest.raises(DecodeError, match='exponent'):
+    tds.codec.decode(bytes(payload), SIZE)
+
+
+def test_eight_bit_value_minus_128():
+  payload = bytearray(_payload(value_bits=8, k=10))
+  payload[-1] = 0x80
+  with pytest.raises(DecodeError, match=r'\[-127, 127\]'):
+    tds.codec.decode(bytes(payload), SIZE)
+
+
+def test_eight_bit_payload_truncated_before_its_values():
+  payload = _payload('raw', value_bits=8, k=10)
+  for cut in (11, 1):  # at the exponent byte, and inside the values
+    with pytest.raises(DecodeError, match='truncated'):
+      tds.codec.decode(payload[:-cut], SIZE)
+
+
 @pytest.mark.parametrize('coding', ['rice', 'bitmap', 'raw'])
 def test_trailing_garbage(coding):
   with pytest.raises(DecodeError, match='trailing garbage'):
@@ -224,7 +253,8 @@ def test_non_bytes_payload():
 def test_fuzzed_payloads_raise_only_decode_error(coding, data):
   """Random corruption either decodes to a valid update or raises DecodeError."""
   k = SIZE if coding == 'all' else data.draw(st.integers(0, 40))
-  payload = bytearray(_payload(coding, k=k))
+  payload = bytearray(_payload(coding, data.draw(st.sampled_from([32, 16, 8])),
+                               k=k))
   for _ in range(data.draw(st.integers(1, 4))):
     pos = data.draw(st.integers(0, len(payload) - 1))
     payload[pos] = data.draw(st.integers(0, 255))
@@ -242,7 +272,7 @@ def test_fuzzed_payloads_raise_only_decode_error(coding, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(updates(), st.sampled_from([32, 16]))
+@given(updates(), st.sampled_from([32, 16, 8]))
 def test_encoded_nbytes_in_tf_equals_len_encode(sparse, value_bits):
   import tensorflow as tf
   expected = len(tds.codec.encode(sparse, value_bits))

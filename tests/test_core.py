@@ -160,12 +160,13 @@ def test_gaussian_average_noise_scale():
   assert np.std(mean.numpy()) == pytest.approx(z * clip / n, rel=0.02)
 
 
-@pytest.mark.parametrize('value_bits, rounds, seed', [(32, 15, 0), (16, 10, 1)])
+@pytest.mark.parametrize('value_bits, rounds, seed',
+                         [(32, 15, 0), (16, 10, 1), (8, 10, 2)])
 def test_upload_error_feedback_conserves_and_clips(value_bits, rounds, seed):
   """The client-level upload: sent norm <= clip, nothing lost over rounds.
 
-  At 16 bits the values are exactly float16 and, rounded toward zero, stay
-  within the clip with no slack.
+  At 16 and 8 bits the values are exactly what the wire carries and, rounded
+  toward zero, stay within the clip with no slack.
   """
   rng = np.random.default_rng(seed)
   residual = tf.zeros([300])
@@ -175,9 +176,10 @@ def test_upload_error_feedback_conserves_and_clips(value_bits, rounds, seed):
     sparse, residual, _ = tds.core.clipped_topk_with_error_feedback(
         update, 10, residual, 0.5, value_bits=value_bits)
     values = sparse.values.numpy()
-    if value_bits == 16:
+    if value_bits != 32:
       assert np.linalg.norm(values.astype(np.float64)) <= 0.5
-      np.testing.assert_array_equal(values.astype(np.float16), values)
+      np.testing.assert_array_equal(
+          tds.core.to_wire_precision(values, value_bits).numpy(), values)
     else:
       assert np.linalg.norm(values) <= 0.5 * (1 + 1e-6)
     sent_total += tds.core.densify(sparse).numpy()
@@ -215,7 +217,33 @@ def test_to_wire_precision_never_grows_a_magnitude():
   np.testing.assert_array_equal(tds.core.to_wire_precision(x, 32).numpy(), x)
 
 
-@pytest.mark.parametrize('value_bits', [32, 16])
+def test_eight_bit_values_share_one_power_of_two_and_never_grow():
+  """8 bits: q * 2**e with |q| <= 127 and 7 bits on the largest value.
+
+  Tolerance: truncation loses less than one step 2**e <= max|x| / 63.5.
+  """
+  rng = np.random.default_rng(5)
+  for scale in (1e-30, 1e-6, 1.0, 1e6, 1e30):
+    x = (rng.normal(size=1000) * scale).astype(np.float32)
+    q, exponent = tds.core.int8_block(x)
+    q, step = q.numpy(), 2.0 ** int(exponent)
+    np.testing.assert_array_equal(q, np.trunc(q))
+    assert 63 <= np.abs(q).max() <= 127
+    assert np.abs(x).max() <= 127 * step < 2 * np.abs(x).max()
+    wire = tds.core.to_wire_precision(x, 8).numpy()
+    np.testing.assert_array_equal(wire, (q * step).astype(np.float32))
+    assert np.all(np.abs(wire) <= np.abs(x))
+    assert np.all(np.abs(x - wire) < step)
+    # Quantizing what the receiver decoded gives it back bit for bit.
+    np.testing.assert_array_equal(tds.core.to_wire_precision(wire, 8), wire)
+  for empty_or_zero in (np.zeros(0, np.float32), np.zeros(3, np.float32)):
+    np.testing.assert_array_equal(
+        tds.core.to_wire_precision(empty_or_zero, 8), empty_or_zero)
+  with pytest.raises(ValueError, match='value_bits'):
+    tds.core.to_wire_precision(np.ones(2, np.float32), 4)
+
+
+@pytest.mark.parametrize('value_bits', [32, 16, 8])
 def test_sparse_sync_moves_the_view_by_the_largest_differences(value_bits):
   rng = np.random.default_rng(4)
   view = rng.normal(size=300).astype(np.float32)

@@ -103,7 +103,7 @@ def test_client_level_noise_matches_tff_gaussian_fixed():
   assert np.std(our_noise) == pytest.approx(z * clip / n, rel=0.05)
 
 
-@pytest.mark.parametrize('value_bits', [32, 16])
+@pytest.mark.parametrize('value_bits', [32, 16, 8])
 def test_download_error_feedback_and_device_reconstruction(clients, value_bits):
   process = _build(density=0.05, value_bits=value_bits)
   state = process.initialize()
@@ -263,7 +263,7 @@ def test_upload_bytes_equal_encoded_payloads(k):
   uploads = [collections.OrderedDict(
       indices=rng.choice(size, k, replace=False).astype(np.int32),
       values=rng.normal(size=k).astype(np.float32)) for _ in range(3)]
-  for value_bits in (32, 16):
+  for value_bits in (32, 16, 8):
     agg = federated.DPSparseAggregatorFactory(
         size, value_bits=value_bits).create(federated.sparse_type(k))
     out = agg.next(agg.initialize(), uploads)

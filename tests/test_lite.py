@@ -169,7 +169,7 @@ def test_update_clip_bounds_upload_and_keeps_the_rest(tmp_path):
       before['weights'] - before['public'] + before['residual'], atol=1e-6)
 
 
-@pytest.mark.parametrize('value_bits', [32, 16])
+@pytest.mark.parametrize('value_bits', [32, 16, 8])
 def test_apply_download_reconstructs_the_server_public_model(
     dense_bytes, value_bits):
   clients = [tds.lite.LiteClient(dense_bytes) for _ in range(3)]

@@ -130,7 +130,7 @@ def _add_run(sub) -> None:
                    help='local SGD / DP-SGD steps per device per round')
   run.add_argument('--client-lr', type=float, default=0.1)
   run.add_argument('--server-lr', type=float, default=1.0)
-  run.add_argument('--value-bits', type=int, choices=(32, 16), default=16,
+  run.add_argument('--value-bits', type=int, choices=(32, 16, 8), default=16,
                    help='wire precision of the values sent each way')
   run.add_argument('--seed', type=int, default=0,
                    help='data split, sampling and init (noise stays random)')

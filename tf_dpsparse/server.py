@@ -74,7 +74,7 @@ class PayloadRound:
     l2_norm_clip, noise_multiplier, clients_per_round: client-level mode.
     server_learning_rate: global += rate * aggregate (devices upload
       trained - public).
-    value_bits: wire precision of download values (32 or 16).
+    value_bits: wire precision of download values (32, 16 or 8).
     seed: fixes the server noise (tests); OS entropy when None.
   """
 

@@ -1,6 +1,7 @@
 """Pure-TensorFlow core shared by every front: transforms and wire codec."""
 
 from tf_dpsparse.core import codec
+from tf_dpsparse.core.transforms import VALUE_BITS
 from tf_dpsparse.core.transforms import SparseUpdate
 from tf_dpsparse.core.transforms import add_gaussian_noise
 from tf_dpsparse.core.transforms import clip_by_l2_norm
@@ -10,6 +11,7 @@ from tf_dpsparse.core.transforms import densify
 from tf_dpsparse.core.transforms import flatten
 from tf_dpsparse.core.transforms import fold_in_seed
 from tf_dpsparse.core.transforms import gaussian_average
+from tf_dpsparse.core.transforms import int8_block
 from tf_dpsparse.core.transforms import k_for_density
 from tf_dpsparse.core.transforms import sparse_sync
 from tf_dpsparse.core.transforms import to_wire_precision
@@ -17,8 +19,9 @@ from tf_dpsparse.core.transforms import topk_with_error_feedback
 from tf_dpsparse.core.transforms import unflatten
 
 __all__ = [
-    'SparseUpdate', 'add_gaussian_noise', 'clip_by_l2_norm',
-    'clip_rows_by_l2_norm', 'clipped_topk_with_error_feedback', 'codec', 'densify', 'flatten', 'fold_in_seed',
-    'gaussian_average', 'k_for_density', 'sparse_sync',
+    'SparseUpdate', 'VALUE_BITS', 'add_gaussian_noise', 'clip_by_l2_norm',
+    'clip_rows_by_l2_norm', 'clipped_topk_with_error_feedback', 'codec',
+    'densify', 'flatten', 'fold_in_seed', 'gaussian_average', 'int8_block',
+    'k_for_density', 'sparse_sync',
     'to_wire_precision', 'topk_with_error_feedback', 'unflatten'
 ]

@@ -18,7 +18,8 @@ When k == size the index set is implied ('all', zero bytes): a dense update
 costs its values plus the header. A fourth index code, raw little-endian uint32, is never chosen by `encode`'s
 default but can be requested (`index_coding='raw'`): it is what the simplest
 device firmware emits. Values follow in index order as little-endian float32
-or float16.
+or float16, or at 8 bits as one signed exponent byte e and k int8 values q
+in [-127, 127] standing for q * 2**e (`transforms.int8_block`).
 
 `decode` trusts nothing: every field is checked against the payload length
 and the expected `size` before anything is allocated, and any defect raises
@@ -34,11 +35,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_dpsparse.core.transforms import SparseUpdate
+from tf_dpsparse.core.transforms import VALUE_BITS
+from tf_dpsparse.core.transforms import int8_block
 
 MAGIC = b'DS'
 VERSION = 1
-_VALUE_DTYPES = {32: np.dtype('<f4'), 16: np.dtype('<f2')}
-_VALUE_CODE = {32: 0, 16: 1}
+_VALUE_DTYPES = {32: np.dtype('<f4'), 16: np.dtype('<f2'), 8: np.dtype('i1')}
+_VALUE_CODE = {32: 0, 16: 1, 8: 2}
+_EXPONENT_RANGE = (-126, 122)  # what `int8_block` produces
 _INDEX_CODES = {'rice': 0, 'bitmap': 1, 'raw': 2, 'all': 3}
 _MAX_RICE_PARAMETER = 31
 _MAX_VARINT_BYTES = 9
@@ -219,6 +223,53 @@ _DECODERS = {0: _decode_rice, 1: _decode_bitmap, 2: _decode_raw,
              3: _decode_all}
 
 
+# ------------------------------------------------------------------ values ---
+
+
+def _check_value_bits(value_bits: int) -> None:
+  if value_bits not in VALUE_BITS:
+    raise ValueError(f'value_bits must be one of {VALUE_BITS}, got {value_bits}.')
+
+
+def _values_nbytes(k, value_bits: int):
+  return k * _VALUE_DTYPES[value_bits].itemsize + int(value_bits == 8)
+
+
+def _wire_values(values: np.ndarray, value_bits: int) -> bytes:
+  if value_bits == 8:
+    if not np.isfinite(values).all():
+      raise ValueError('values must be finite (NaN or Inf).')
+    q, exponent = int8_block(values)
+    return (np.int8(exponent).tobytes() +
+            q.numpy().astype(_VALUE_DTYPES[8]).tobytes())
+  with np.errstate(over='ignore'):  # overflow is caught just below
+    wire = values.astype(_VALUE_DTYPES[value_bits])
+  if not np.isfinite(wire).all():
+    raise ValueError(
+        f'values must be finite in float{value_bits} (NaN, Inf or overflow).')
+  return wire.tobytes()
+
+
+def _decode_values(payload: bytes, pos: int, k: int, value_bits: int):
+  if value_bits == 8:
+    raw, pos = _take(payload, pos, 1, 'value exponent')
+    exponent = int(np.frombuffer(raw, np.int8)[0])
+    low, high = _EXPONENT_RANGE
+    if not low <= exponent <= high:
+      raise DecodeError(f'value exponent {exponent} outside [{low}, {high}].')
+    raw, pos = _take(payload, pos, k, 'values')
+    q = np.frombuffer(raw, _VALUE_DTYPES[8])
+    if (q == -128).any():
+      raise DecodeError('8-bit values must lie in [-127, 127].')
+    return np.ldexp(q.astype(np.float32), exponent), pos
+  raw, pos = _take(payload, pos, k * _VALUE_DTYPES[value_bits].itemsize,
+                   'values')
+  values = np.frombuffer(raw, _VALUE_DTYPES[value_bits]).astype(np.float32)
+  if not np.isfinite(values).all():
+    raise DecodeError('values contain NaN or Inf.')
+  return values, pos
+
+
 # ----------------------------------------------------------------- public ---
 
 
@@ -232,8 +283,7 @@ def encode(sparse: SparseUpdate,
   valid (indices out of range or repeated, non-finite values, or values that
   overflow float16): a device must not upload what a server would reject.
   """
-  if value_bits not in _VALUE_DTYPES:
-    raise ValueError(f'value_bits must be 32 or 16, got {value_bits}.')
+  _check_value_bits(value_bits)
   if index_coding not in ('auto', *_INDEX_CODES):
     raise ValueError(f'unknown index_coding {index_coding!r}.')
   size = int(sparse.size)
@@ -250,11 +300,7 @@ def encode(sparse: SparseUpdate,
   indices, values = indices[order], values[order]
   if (np.diff(indices) == 0).any():
     raise ValueError('indices must be distinct.')
-  with np.errstate(over='ignore'):  # overflow is caught just below
-    wire_values = values.astype(_VALUE_DTYPES[value_bits])
-  if not np.isfinite(wire_values).all():
-    raise ValueError(
-        f'values must be finite in float{value_bits} (NaN, Inf or overflow).')
+  wire_values = _wire_values(values, value_bits)
   if index_coding == 'all' and indices.size != size:
     raise ValueError("index_coding='all' needs k == size.")
   if index_coding == 'auto' and indices.size == size:
@@ -274,7 +320,7 @@ def encode(sparse: SparseUpdate,
   flags = _VALUE_CODE[value_bits] | (_INDEX_CODES[index_coding] << 2)
   header = (MAGIC + bytes([VERSION, flags]) + _put_varint(size) +
             _put_varint(indices.size))
-  return header + index_section + wire_values.tobytes()
+  return header + index_section + wire_values
 
 
 def decode(payload: bytes, size: int) -> SparseUpdate:
@@ -299,9 +345,9 @@ def decode(payload: bytes, size: int) -> SparseUpdate:
         f'unsupported version {payload[2]} (this decoder reads {VERSION}).')
   flags = payload[3]
   value_code, index_code = flags & 0b11, (flags >> 2) & 0b11
-  if flags >> 4 or value_code not in (0, 1) or index_code not in _DECODERS:
+  value_bits = {code: bits for bits, code in _VALUE_CODE.items()}.get(value_code)
+  if flags >> 4 or value_bits is None or index_code not in _DECODERS:
     raise DecodeError(f'unknown flags 0x{flags:02x}.')
-  value_dtype = _VALUE_DTYPES[32 if value_code == 0 else 16]
   declared_size, pos = _get_varint(payload, 4, 'size')
   if declared_size != size:
     raise DecodeError(
@@ -311,13 +357,10 @@ def decode(payload: bytes, size: int) -> SparseUpdate:
   if k > size:
     raise DecodeError(f'k={k} exceeds size={size}.')
   indices, pos = _DECODERS[index_code](payload, pos, size, k)
-  raw_values, pos = _take(payload, pos, k * value_dtype.itemsize, 'values')
+  values, pos = _decode_values(payload, pos, k, value_bits)
   if pos != len(payload):
     raise DecodeError(
         f'trailing garbage: {len(payload) - pos} bytes after the values.')
-  values = np.frombuffer(raw_values, value_dtype).astype(np.float32)
-  if not np.isfinite(values).all():
-    raise DecodeError('values contain NaN or Inf.')
   return SparseUpdate(indices.astype(np.int32), values, size)
 
 
@@ -338,8 +381,7 @@ def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Te
   byte they send must be counted exactly; this mirrors `encode`'s choices
   (Rice parameter, Rice vs bitmap) and is tested equal to it. Returns int64.
   """
-  if value_bits not in _VALUE_DTYPES:
-    raise ValueError(f'value_bits must be 32 or 16, got {value_bits}.')
+  _check_value_bits(value_bits)
   indices = tf.sort(tf.cast(tf.reshape(indices, [-1]), tf.int64))
   k = tf.size(indices, out_type=tf.int64)
   gaps = indices - tf.concat([[-1], indices[:-1]], axis=0) - 1
@@ -358,4 +400,4 @@ def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Te
   # tf.equal, not ==: graph-mode tensors (TFF) compare by identity.
   index_nbytes = tf.where(tf.equal(k, size), tf.constant(0, tf.int64),
                           tf.minimum(bitmap, rice))
-  return header + index_nbytes + k * _VALUE_DTYPES[value_bits].itemsize
+  return header + index_nbytes + _values_nbytes(k, value_bits)

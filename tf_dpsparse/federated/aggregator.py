@@ -49,7 +49,7 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
     num_shared: the first `num_shared` indices of every upload are public and
       known to the server (`topk_with_error_feedback`'s `shared_indices`),
       so only their values travel and are counted.
-    value_bits: 32 or 16, the wire precision of values, for byte counts (the
+    value_bits: 32, 16 or 8, the wire precision of values, for byte counts (the
       devices round what they send to it: `to_wire_precision`).
     seed: fixes the server noise (tests); OS entropy when None.
   """

@@ -152,7 +152,7 @@ def build_sparse_distributor(
     initial_weights_fn: a no-arg TFF computation returning the initial
       `tff.learning.models.ModelWeights` at the server (devices ship with it).
     density: the fraction of trainable parameters broadcast each round.
-    value_bits: wire precision of values (32 or 16): the broadcast values
+    value_bits: wire precision of values (32, 16 or 8): the broadcast values
       are rounded to it, so the public model is what devices decode.
     history: how many rounds of broadcast index sets the server keeps for
       devices that catch up; older devices get the dense model.

@@ -488,7 +488,7 @@ def build_dp_sparse_fed_avg(
       the ledger's budget is `target_epsilon`.
     per_example_loss_fn: (y_true, y_pred) -> per-example losses, for example
       mode; default sparse categorical cross-entropy on logits.
-    value_bits: 32 or 16, the wire precision of values both ways: values are
+    value_bits: 32, 16 or 8, the wire precision of values both ways: values are
       rounded toward zero to it (the error kept in the residuals).
     history: broadcast rounds kept for devices catching up ('union').
     catch_up: how a device that missed rounds gets the current model.

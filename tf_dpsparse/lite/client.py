@@ -25,7 +25,7 @@ class LiteClient:
 
   Args:
     model_bytes: the .tflite flatbuffer.
-    value_bits: wire precision of uploaded values (32 or 16).
+    value_bits: wire precision of uploaded values (32, 16 or 8).
     num_threads: interpreter threads (None: the runtime's default).
   """
 
