@@ -187,6 +187,9 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
   parser.add_argument('--l2-norm-clip', type=float, default=None,
                       help="clip of ours and DP-FedAvg (default: the set-up's, "
                       '1.0 for hapt and digits, 0.3 for mnist)')
+  parser.add_argument('--value-bits', type=int, choices=(16, 8), default=16,
+                      help='wire precision of the values ours, upload-only '
+                      'and DSSGD send (dense baselines stay float32)')
   parser.add_argument('--seed', type=int, default=0,
                       help='data split, client sampling and initial model of '
                       'every method (DP noise comes from OS entropy)')
@@ -203,7 +206,8 @@ def main(argv=None, prog=None) -> int:
   if args.l2_norm_clip is not None:
     setup['l2_norm_clip'] = args.l2_norm_clip
   base = simulation.RunConfig(target_epsilon=args.target_epsilon,
-                              seed=args.seed, **setup)
+                              seed=args.seed, value_bits=args.value_bits,
+                              **setup)
   results = run_methods(base, args.methods, progress=not args.no_progress)
   paths = simulation.save(results, args.out)
   write_csv(results, os.path.join(args.out, 'rounds.csv'))

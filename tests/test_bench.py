@@ -43,8 +43,8 @@ def test_svt_release_noise_scale_matches_its_epsilon():
 def test_quick_bench_writes_table_csv_json_png_and_accountant_epsilon(tmp_path):
   out = tmp_path / 'bench'
   assert cli.main(['bench', '--quick', '--rounds', '2', '--methods', 'fedavg',
-                   'ours-1%', '--l2-norm-clip', '0.7', '--out', str(out),
-                   '--no-progress']) == 0
+                   'ours-1%', '--l2-norm-clip', '0.7', '--value-bits', '8',
+                   '--out', str(out), '--no-progress']) == 0
   for name in ('table.md', 'rounds.csv', 'rounds.json', 'accuracy.png'):
     assert os.path.getsize(out / name) > 0
   results = json.loads((out / 'rounds.json').read_text())
@@ -53,7 +53,7 @@ def test_quick_bench_writes_table_csv_json_png_and_accountant_epsilon(tmp_path):
     assert len(list(csv.DictReader(f))) == 4
   ours = results[1]
   config, summary = ours['config'], ours['summary']
-  assert config['l2_norm_clip'] == 0.7
+  assert config['l2_norm_clip'] == 0.7 and config['value_bits'] == 8
   fed = data.load('digits', num_clients=config['num_clients'],
                   partition=config['partition'], seed=config['seed'])
   epsilon = tds.privacy.compute_epsilon(
