@@ -138,9 +138,14 @@ def test_download_error_feedback_and_device_reconstruction(clients, value_bits):
                              global_now, atol=1e-5)
 
 
-def test_device_that_skipped_rounds_catches_up_exactly(clients):
-  """Device 3 sits out rounds 2-4; its catch-up bytes rebuild the public model."""
-  process = _build(density=0.05)
+@pytest.mark.parametrize('value_bits', [32, 8])
+def test_device_that_skipped_rounds_catches_up_exactly(clients, value_bits):
+  """Device 3 sits out rounds 2-4; its catch-up bytes rebuild the public model.
+
+  Whatever the broadcast's value bits, the catch-up carries float32 public
+  weights, and that is what is counted.
+  """
+  process = _build(density=0.05, value_bits=value_bits)
   state = process.initialize()
   store = federated.ClientStateStore(len(clients), process.size)
   stale_view = np.array(state['distributor']['public'])
@@ -240,8 +245,9 @@ def test_catch_up_bytes_union_or_dense():
   rounds = np.array([5, 6, 3, 4], np.int32)  # slots hold rounds 3..6
   indices = np.stack([np.arange(k) * 7 + r for r in rounds]).astype(np.int32)
 
-  def nbytes(last_sync):
-    return int(federated.catch_up_nbytes(indices, rounds, last_sync, 6, size))
+  def nbytes(last_sync, value_bits=32):
+    return int(federated.catch_up_nbytes(indices, rounds, last_sync, 6, size,
+                                         value_bits))
 
   assert nbytes(6) == 0
   assert nbytes(5) == len(tds.codec.encode(tds.core.SparseUpdate(
@@ -250,6 +256,10 @@ def test_catch_up_bytes_union_or_dense():
   assert nbytes(3) == len(tds.codec.encode(tds.core.SparseUpdate(
       union, np.zeros(union.size, np.float32), size)))
   assert nbytes(1) == tds.codec.dense_nbytes(size)  # round 2 fell out
+  # One round behind is the broadcast, at its bits; more is float32 weights.
+  assert nbytes(5, 8) == len(tds.codec.encode(tds.core.SparseUpdate(
+      indices[1], np.zeros(k, np.float32), size), 8))
+  assert nbytes(3, 8) == nbytes(3) and nbytes(1, 8) == nbytes(1)
   state = dict(history_indices=indices, history_rounds=rounds, round_num=6,
                public=np.arange(size, dtype=np.float32))
   assert len(federated.catch_up_payload(state, 3)) == nbytes(3)

@@ -7,9 +7,9 @@ implicit and exact: whatever was not sent is still in (global - public), the
 server residual, and competes for the next broadcast.
 
 A device that skipped rounds catches up with the union of the index sets
-broadcast since it last synced (values read off the current public model), or
-with the dense model when that is smaller or older than the kept history; its
-exact bytes are `catch_up_nbytes`. That exact catch-up is cheap only when
+broadcast since it last synced (values read off the current public model, in
+float32), or with the dense model when that is smaller or older than the kept
+history; its exact bytes are `catch_up_nbytes`. That exact catch-up is cheap only when
 devices take part in most rounds; with sparse client sampling a returning
 device has missed so many broadcasts that the union nears the dense model.
 `topk_catch_up` bounds it instead: the device gets the top-k of (global -
@@ -52,18 +52,23 @@ def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
                     round_num, size: int, value_bits: int = 32):
   """Bytes a device synced at `last_sync_round` downloads to reach `round_num`.
 
-  The union of the index sets broadcast in rounds (last_sync_round,
-  round_num], coded by `tds.codec`, or the dense model if that is smaller or
-  if some of those rounds fell out of the kept history. Zero if up to date.
+  Zero if up to date; the broadcast (at `value_bits`) if one round behind.
+  Otherwise the union of the index sets broadcast in rounds
+  (last_sync_round, round_num], coded by `tds.codec`, or the dense model if
+  that is smaller or if some of those rounds fell out of the kept history.
+  Those values are float32 whatever `value_bits`: they are public weights,
+  float32 sums of rounded changes, which no narrower format holds exactly.
   """
   last_sync_round = tf.cast(last_sync_round, tf.int32)
   needed = history_rounds > last_sync_round
   missing = round_num - last_sync_round
   covered = tf.reduce_sum(tf.cast(needed, tf.int32)) >= missing
   union, _ = tf.unique(tf.reshape(tf.boolean_mask(history_indices, needed), [-1]))
-  sparse_nbytes = codec.encoded_nbytes(union, size, value_bits)
-  dense = tf.constant(codec.dense_nbytes(size, value_bits), tf.int64)
-  nbytes = tf.where(covered, tf.minimum(sparse_nbytes, dense), dense)
+  dense = tf.constant(codec.dense_nbytes(size), tf.int64)
+  nbytes = tf.where(covered, tf.minimum(codec.encoded_nbytes(union, size),
+                                        dense), dense)
+  nbytes = tf.where(tf.equal(missing, 1),
+                    codec.encoded_nbytes(union, size, value_bits), nbytes)
   return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
 
 
@@ -103,7 +108,7 @@ def topk_catch_up_payload(target, view, k: int, value_bits: int = 32):
   return codec.encode(sent, value_bits=value_bits)
 
 
-def catch_up_payload(state, last_sync_round: int, value_bits: int = 32):
+def catch_up_payload(state, last_sync_round: int):
   """The catch-up download of a device synced at `last_sync_round`, or None.
 
   Carries the *current* public values at the union of the indices broadcast
@@ -111,6 +116,8 @@ def catch_up_payload(state, last_sync_round: int, value_bits: int = 32):
   lands exactly on the public model. None means the device needs the dense
   model: some of those rounds fell out of the history, or dense is smaller
   (`catch_up_nbytes` counts the same choice). `state` is the distributor's.
+  Values are float32 (see `catch_up_nbytes`); a device one round behind
+  needs only the broadcast (`apply_broadcast`).
   """
   rounds = np.asarray(state['history_rounds'])
   needed = rounds > last_sync_round
@@ -118,9 +125,8 @@ def catch_up_payload(state, last_sync_round: int, value_bits: int = 32):
     return None
   public = np.asarray(state['public'], np.float32)
   union = np.unique(np.asarray(state['history_indices'])[needed])
-  payload = codec.encode(core.SparseUpdate(union, public[union], public.size),
-                         value_bits=value_bits)
-  return None if len(payload) > codec.dense_nbytes(public.size, value_bits) else payload
+  payload = codec.encode(core.SparseUpdate(union, public[union], public.size))
+  return None if len(payload) > codec.dense_nbytes(public.size) else payload
 
 
 def apply_catch_up(view: np.ndarray, payload: bytes) -> np.ndarray:
