@@ -169,6 +169,27 @@ def test_update_clip_bounds_upload_and_keeps_the_rest(tmp_path):
       before['weights'] - before['public'] + before['residual'], atol=1e-6)
 
 
+def test_eight_bit_upload_is_rounded_on_device_and_keeps_the_error(tmp_path):
+  clip = 1e-3
+  client = tds.lite.LiteClient(export(
+      dense_model(), update_l2_norm_clip=clip, value_bits=8), value_bits=8)
+  for x, y in batches(dense_model(), 3):
+    client.train(x, y)
+  before = _state(client, tmp_path)
+  payload = client.upload()
+  sent = tds.codec.decode(payload, client.size)
+  assert np.linalg.norm(sent.values.astype(np.float64)) <= clip
+  # what the device computed is already 8-bit: encoding lost nothing more
+  np.testing.assert_array_equal(
+      tds.core.to_wire_precision(sent.values, 8).numpy(), sent.values)
+  after = _state(client, tmp_path)
+  np.testing.assert_allclose(
+      tds.core.densify(sent).numpy() + after['residual'],
+      before['weights'] - before['public'] + before['residual'], atol=1e-7)
+  with pytest.raises(ValueError, match='value_bits'):
+    export(dense_model(), value_bits=16)
+
+
 @pytest.mark.parametrize('value_bits', [32, 16, 8])
 def test_apply_download_reconstructs_the_server_public_model(
     dense_bytes, value_bits):

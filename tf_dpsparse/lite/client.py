@@ -25,7 +25,9 @@ class LiteClient:
 
   Args:
     model_bytes: the .tflite flatbuffer.
-    value_bits: wire precision of uploaded values (32, 16 or 8).
+    value_bits: wire precision of uploaded values (32, 16 or 8). Use the
+      `value_bits` the client was exported with: the device then rounds and
+      keeps the error; otherwise the encoder rounds and the error is lost.
     num_threads: interpreter threads (None: the runtime's default).
   """
 

@@ -13,7 +13,8 @@ residual) and eight signatures, each a `tf.function` that calls `tds.core`:
 * `get_update() -> indices, values`: `core.topk_with_error_feedback` of
   (weights - public) plus the residual. With `update_l2_norm_clip`, the sent
   values are clipped by `core.clip_by_l2_norm` and what clipping removed goes
-  back into the residual (client-level DP). The weights then return to the
+  back into the residual (client-level DP). With `value_bits=8` the values
+  are rounded on the device to what the wire carries, the error kept too. The weights then return to the
   public model: the delta is consumed, now either uploaded or in the residual.
 * `apply_download(indices, values) -> num_applied`: adds a server download
   to the public model and makes it the weights.
@@ -65,7 +66,7 @@ class _ClientModule(tf.Module):
 
   def __init__(self, keras_model, *, batch_size, l2_norm_clip,
                noise_multiplier, density, learning_rate, num_classes,
-               update_l2_norm_clip, seed):
+               update_l2_norm_clip, value_bits, seed):
     super().__init__()
     forward, variables = layers.lower(keras_model)
     self._params = [tf.Variable(v.read_value(), name=v.name.split(':')[0])
@@ -104,7 +105,8 @@ class _ClientModule(tf.Module):
     def get_update():
       delta = core.flatten(params) - self._public
       sparse, residual, _ = core.clipped_topk_with_error_feedback(
-          delta, k, self._residual, update_l2_norm_clip)
+          delta, k, self._residual, update_l2_norm_clip,
+          value_bits=value_bits)
       self._residual.assign(residual)
       assign_weights(self._public)
       return {'indices': sparse.indices, 'values': sparse.values}
@@ -158,7 +160,7 @@ class _ClientModule(tf.Module):
 
 def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
              density, learning_rate, num_classes, update_l2_norm_clip=None,
-             seed=None):
+             value_bits=32, seed=None):
   """Validates `export_client`'s arguments; returns them as keywords."""
   if int(batch_size) != batch_size or batch_size < 1:
     raise ValueError(
@@ -172,6 +174,10 @@ def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
   if update_l2_norm_clip is not None and not update_l2_norm_clip > 0:
     raise ValueError('update_l2_norm_clip must be > 0 or None, got '
                      f'{update_l2_norm_clip}.')
+  if value_bits not in (32, 8):
+    raise ValueError(
+        f'value_bits must be 32 or 8 on the device, got {value_bits} (float16 '
+        'rounding toward zero needs ops LiteRT lacks without Flex).')
   outputs = keras_model.output_shape
   if not isinstance(outputs, tuple) or outputs[1:] != (num_classes,):
     raise ValueError(f'the model outputs shape {outputs}; expected '
@@ -179,7 +185,8 @@ def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
   return dict(batch_size=int(batch_size), l2_norm_clip=l2_norm_clip,
               noise_multiplier=noise_multiplier, density=density,
               learning_rate=learning_rate, num_classes=num_classes,
-              update_l2_norm_clip=update_l2_norm_clip, seed=seed)
+              update_l2_norm_clip=update_l2_norm_clip, value_bits=value_bits,
+              seed=seed)
 
 
 def client_module(keras_model: tf.keras.Model, **kwargs) -> tf.Module:
@@ -197,6 +204,7 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
                   l2_norm_clip: float, noise_multiplier: float, density: float,
                   learning_rate: float, num_classes: int,
                   update_l2_norm_clip: Optional[float] = None,
+                  value_bits: int = 32,
                   seed: Optional[int] = None) -> bytes:
   """Converts `keras_model` into an on-device DP-SGD client (.tflite bytes).
 
@@ -214,6 +222,9 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
     num_classes: labels are int32 in [0, num_classes).
     update_l2_norm_clip: clip the uploaded vector to this L2 norm
       (client-level DP; the server adds the noise). None: no clip.
+    value_bits: 32, or 8 to round uploaded values on the device to the
+      wire's 8 bits (`core.to_wire_precision`), keeping the rounding error in
+      the residual; create the `LiteClient` with the same `value_bits`.
     seed: makes the exported noise and dropout reproducible (tests only).
       None: LiteRT seeds them itself, so no two interpreters share noise.
 
@@ -225,7 +236,8 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
       keras_model, batch_size=batch_size, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier, density=density,
       learning_rate=learning_rate, num_classes=num_classes,
-      update_l2_norm_clip=update_l2_norm_clip, seed=seed)
+      update_l2_norm_clip=update_l2_norm_clip, value_bits=value_bits,
+      seed=seed)
   with tempfile.TemporaryDirectory() as saved_model_dir:
     tf.saved_model.save(module, saved_model_dir, signatures=module.functions)
     converter = tf.lite.TFLiteConverter.from_saved_model(
