@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_dpsparse.core.transforms import SparseUpdate
+from tf_dpsparse.core.transforms import INT8_EXPONENT_RANGE
 from tf_dpsparse.core.transforms import VALUE_BITS
 from tf_dpsparse.core.transforms import int8_block
 
@@ -42,7 +43,6 @@ MAGIC = b'DS'
 VERSION = 1
 _VALUE_DTYPES = {32: np.dtype('<f4'), 16: np.dtype('<f2'), 8: np.dtype('i1')}
 _VALUE_CODE = {32: 0, 16: 1, 8: 2}
-_EXPONENT_RANGE = (-126, 122)  # what `int8_block` produces
 _INDEX_CODES = {'rice': 0, 'bitmap': 1, 'raw': 2, 'all': 3}
 _MAX_RICE_PARAMETER = 31
 _MAX_VARINT_BYTES = 9
@@ -254,7 +254,7 @@ def _decode_values(payload: bytes, pos: int, k: int, value_bits: int):
   if value_bits == 8:
     raw, pos = _take(payload, pos, 1, 'value exponent')
     exponent = int(np.frombuffer(raw, np.int8)[0])
-    low, high = _EXPONENT_RANGE
+    low, high = INT8_EXPONENT_RANGE
     if not low <= exponent <= high:
       raise DecodeError(f'value exponent {exponent} outside [{low}, {high}].')
     raw, pos = _take(payload, pos, k, 'values')

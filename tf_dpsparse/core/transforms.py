@@ -252,7 +252,7 @@ def clipped_topk_with_error_feedback(
 
 VALUE_BITS = (32, 16, 8)
 _INT8_MAX = 127
-_EXPONENTS = (-126, 122)  # 2**e and 2**-e both stay normal float32
+INT8_EXPONENT_RANGE = (-126, 122)  # 2**e and 2**-e both stay normal float32
 
 
 def _power_of_two(exponent: tf.Tensor) -> tf.Tensor:
@@ -274,7 +274,7 @@ def int8_block(values) -> Tuple[tf.Tensor, tf.Tensor]:
   peak = tf.reduce_max(tf.concat([magnitudes, [0.0]], 0))
   # peak in [2**E, 2**(E+1)) puts the exponent at E - 6 or E - 5.
   top_exponent = tf.bitwise.right_shift(tf.bitcast(peak, tf.int32), 23) - 127
-  low, high = _EXPONENTS
+  low, high = INT8_EXPONENT_RANGE
   candidate = tf.clip_by_value(top_exponent - 6, low, high)
   exponent = tf.where(peak <= _INT8_MAX * _power_of_two(candidate), candidate,
                       candidate + 1)

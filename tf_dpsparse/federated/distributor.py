@@ -9,9 +9,10 @@ server residual, and competes for the next broadcast.
 A device that skipped rounds catches up with the union of the index sets
 broadcast since it last synced (values read off the current public model, in
 float32), or with the dense model when that is smaller or older than the kept
-history; its exact bytes are `catch_up_nbytes`. That exact catch-up is cheap only when
-devices take part in most rounds; with sparse client sampling a returning
-device has missed so many broadcasts that the union nears the dense model.
+history; its exact bytes are `catch_up_nbytes`. That exact catch-up is cheap
+only when devices take part in most rounds; with sparse client sampling a
+returning device has missed so many broadcasts that the union nears the dense
+model.
 `topk_catch_up` bounds it instead: the device gets the top-k of (global -
 its own view), the same operation as the broadcast (`core.sparse_sync`), and
 what is not sent stays in (global - view) for its next visit. In simulation

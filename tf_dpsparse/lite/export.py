@@ -14,8 +14,9 @@ residual) and eight signatures, each a `tf.function` that calls `tds.core`:
   (weights - public) plus the residual. With `update_l2_norm_clip`, the sent
   values are clipped by `core.clip_by_l2_norm` and what clipping removed goes
   back into the residual (client-level DP). With `value_bits=8` the values
-  are rounded on the device to what the wire carries, the error kept too. The weights then return to the
-  public model: the delta is consumed, now either uploaded or in the residual.
+  are rounded on the device to what the wire carries, the error kept too.
+  The weights then return to the public model: the delta is consumed, now
+  either uploaded or in the residual.
 * `apply_download(indices, values) -> num_applied`: adds a server download
   to the public model and makes it the weights.
 * `get_weights() -> weights`, `set_weights(weights) -> size` (a dense sync: it
