@@ -43,6 +43,7 @@ MAGIC = b'DS'
 VERSION = 1
 _VALUE_DTYPES = {32: np.dtype('<f4'), 16: np.dtype('<f2'), 8: np.dtype('i1')}
 _VALUE_CODE = {32: 0, 16: 1, 8: 2}
+_VALUE_BITS_OF_CODE = {code: bits for bits, code in _VALUE_CODE.items()}
 _INDEX_CODES = {'rice': 0, 'bitmap': 1, 'raw': 2, 'all': 3}
 _MAX_RICE_PARAMETER = 31
 _MAX_VARINT_BYTES = 9
@@ -231,7 +232,8 @@ def _check_value_bits(value_bits: int) -> None:
     raise ValueError(f'value_bits must be one of {VALUE_BITS}, got {value_bits}.')
 
 
-def _values_nbytes(k, value_bits: int):
+def values_nbytes(k, value_bits: int):
+  """Bytes of k values at `value_bits` (an int or a TF integer tensor)."""
   return k * _VALUE_DTYPES[value_bits].itemsize + int(value_bits == 8)
 
 
@@ -345,7 +347,7 @@ def decode(payload: bytes, size: int) -> SparseUpdate:
         f'unsupported version {payload[2]} (this decoder reads {VERSION}).')
   flags = payload[3]
   value_code, index_code = flags & 0b11, (flags >> 2) & 0b11
-  value_bits = {code: bits for bits, code in _VALUE_CODE.items()}.get(value_code)
+  value_bits = _VALUE_BITS_OF_CODE.get(value_code)
   if flags >> 4 or value_bits is None or index_code not in _DECODERS:
     raise DecodeError(f'unknown flags 0x{flags:02x}.')
   declared_size, pos = _get_varint(payload, 4, 'size')
@@ -400,4 +402,4 @@ def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Te
   # tf.equal, not ==: graph-mode tensors (TFF) compare by identity.
   index_nbytes = tf.where(tf.equal(k, size), tf.constant(0, tf.int64),
                           tf.minimum(bitmap, rice))
-  return header + index_nbytes + _values_nbytes(k, value_bits)
+  return header + index_nbytes + values_nbytes(k, value_bits)

@@ -65,11 +65,14 @@ def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
   missing = round_num - last_sync_round
   covered = tf.reduce_sum(tf.cast(needed, tf.int32)) >= missing
   union, _ = tf.unique(tf.reshape(tf.boolean_mask(history_indices, needed), [-1]))
+  k = tf.size(union, out_type=tf.int64)
+  union_nbytes = codec.encoded_nbytes(union, size)  # float32 values
+  # One round behind: the broadcast, the same index set at `value_bits`.
+  broadcast_nbytes = (union_nbytes - codec.values_nbytes(k, 32) +
+                      codec.values_nbytes(k, value_bits))
   dense = tf.constant(codec.dense_nbytes(size), tf.int64)
-  nbytes = tf.where(covered, tf.minimum(codec.encoded_nbytes(union, size),
-                                        dense), dense)
-  nbytes = tf.where(tf.equal(missing, 1),
-                    codec.encoded_nbytes(union, size, value_bits), nbytes)
+  nbytes = tf.where(covered, tf.minimum(union_nbytes, dense), dense)
+  nbytes = tf.where(tf.equal(missing, 1), broadcast_nbytes, nbytes)
   return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
 
 

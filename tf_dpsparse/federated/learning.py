@@ -249,8 +249,8 @@ def build_dp_sparse_fed_avg_process(
                                client_state.last_sync_round,
                                dist_state.round_num, size, value_bits)
     if k_shared:  # a device that missed the last broadcast needs the indices
-      shared_index_nbytes = codec.encoded_nbytes(  # float32 layout, less values
-          shared_indices, size) - 4 * k_shared
+      shared_index_nbytes = (codec.encoded_nbytes(shared_indices, size) -
+                             codec.values_nbytes(k_shared, 32))
       stale = dist_state.round_num - client_state.last_sync_round > 1
       nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
     return synced, nbytes
