@@ -100,20 +100,116 @@ def clip_rows_by_l2_norm(rows: tf.Tensor, clip) -> Tuple[tf.Tensor, tf.Tensor]:
 
 
 def gaussian_average(rows: tf.Tensor, l2_norm_clip, noise_multiplier,
-                     seed: SeedLike = None) -> Tuple[tf.Tensor, tf.Tensor]:
+                     seed: SeedLike = None, *, denominator=None,
+                     row_mask: Optional[tf.Tensor] = None
+                     ) -> Tuple[tf.Tensor, tf.Tensor]:
   """DP-SGD's private mean of per-example (or per-microbatch) flat gradients.
 
   Clips every row to `l2_norm_clip`, sums, adds N(0, (noise_multiplier *
-  l2_norm_clip)^2) once to the sum and divides by the (public, fixed) number
-  of rows: the sampled Gaussian mechanism with sensitivity `l2_norm_clip`
-  under add/remove of one row. Returns `(average, norms)`.
+  l2_norm_clip)^2) once to the sum and divides by `denominator`: the sampled
+  Gaussian mechanism with sensitivity `l2_norm_clip` under add/remove of one
+  row. The denominator must not depend on the data: the number of rows of a
+  fixed-size batch (the default), or the *expected* batch size q * n under
+  Poisson sampling, never the realized count of a Poisson batch (which is
+  data-dependent and would leak through the scale). `row_mask` (bool [rows])
+  drops padding rows of a batch padded to a static shape. Returns
+  `(average, norms)`.
   """
   if isinstance(noise_multiplier, (int, float)) and noise_multiplier < 0:
     raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+  total, norms = clipped_sum(rows, l2_norm_clip, row_mask)
+  total = add_gaussian_noise(total, noise_multiplier * l2_norm_clip, seed)
+  if denominator is None:
+    denominator = tf.shape(rows)[0]
+  return total / tf.cast(denominator, total.dtype), norms
+
+
+def clipped_sum(rows: tf.Tensor, l2_norm_clip,
+                row_mask: Optional[tf.Tensor] = None
+                ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The sum of the rows, each clipped to `l2_norm_clip`, masked rows left out.
+
+  Returns `(sum, norms)`: the DP-SGD sum before noise; its sensitivity is
+  `l2_norm_clip` under add/remove of one row.
+  """
   clipped, norms = clip_rows_by_l2_norm(rows, l2_norm_clip)
-  total = add_gaussian_noise(
-      tf.reduce_sum(clipped, axis=0), noise_multiplier * l2_norm_clip, seed)
-  return total / tf.cast(tf.shape(rows)[0], total.dtype), norms
+  if row_mask is not None:
+    clipped *= tf.cast(row_mask, clipped.dtype)[:, tf.newaxis]
+  return tf.reduce_sum(clipped, axis=0), norms
+
+
+def poisson_sample(num_examples, sampling_rate,
+                   seed: SeedLike = None) -> tf.Tensor:
+  """Indices (int32, ascending) of a Poisson sample of `range(num_examples)`.
+
+  Each example joins independently with probability `sampling_rate`: the
+  sampling that `PoissonSampledDpEvent` accounts for. The sample may be
+  empty or larger than its mean. Without `seed` the draw is from OS entropy.
+  """
+  shape = tf.reshape(tf.cast(num_examples, tf.int32), [1])
+  if seed is None:
+    draws = tf.random.uniform(shape)
+  else:
+    draws = tf.random.stateless_uniform(shape, seed=_stateless_seed(seed))
+  return tf.cast(tf.where(draws < sampling_rate)[:, 0], tf.int32)
+
+
+def padded_chunks(indices: tf.Tensor,
+                  max_batch: int) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Splits a vector of indices into rows of a static `max_batch` columns.
+
+  Returns `(chunks, valid)`, int32 and bool [m, max_batch] with m =
+  max(1, ceil(len / max_batch)): every index once, the tail padded with 0
+  marked invalid. Nothing is dropped, so a batch larger than `max_batch`
+  costs one more chunk, never a truncation that the accountant would not
+  know about.
+  """
+  if not max_batch >= 1:
+    raise ValueError(f'max_batch must be >= 1, got {max_batch}.')
+  count = tf.size(indices)
+  chunks = tf.maximum(1, (count + max_batch - 1) // max_batch)
+  padding = chunks * max_batch - count
+  padded = tf.concat([indices, tf.zeros([padding], indices.dtype)], 0)
+  valid = tf.range(chunks * max_batch) < count
+  return (tf.reshape(padded, [chunks, max_batch]),
+          tf.reshape(valid, [chunks, max_batch]))
+
+
+def poisson_gaussian_average(rows_fn, *, num_examples, sampling_rate,
+                             max_batch: int, size: int, l2_norm_clip,
+                             noise_multiplier, seed: SeedLike = None
+                             ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """One DP-SGD step on a Poisson-sampled batch, at static shapes.
+
+  Samples each of `num_examples` examples with probability `sampling_rate`
+  (`poisson_sample`), computes their per-example gradients in chunks of
+  `max_batch` (`rows_fn(indices int32[max_batch]) -> float32[max_batch,
+  size]`, padding rows masked out), clips each, sums, adds
+  N(0, (noise_multiplier * l2_norm_clip)^2) once and divides by the
+  expected batch size `sampling_rate * num_examples`.
+
+  Overflow is made impossible rather than accounted for: a sample larger
+  than `max_batch` takes more chunks (`padded_chunks`), so the released sum
+  is exactly the Poisson-sampled Gaussian mechanism of
+  `tds.privacy.sampled_gaussian_event`. `max_batch` trades padding against
+  extra chunks; it changes cost, never privacy. Returns `(average,
+  batch_count)`; the count is data-dependent and for the caller's own
+  metrics only, never to be released.
+  """
+  sample_seed = noise_seed = None
+  if seed is not None:
+    sample_seed, noise_seed = tf.unstack(
+        tf.random.experimental.stateless_split(_stateless_seed(seed), 2))
+  indices = poisson_sample(num_examples, sampling_rate, sample_seed)
+  chunks, valid = padded_chunks(indices, max_batch)
+  total = tf.foldl(
+      lambda acc, chunk: acc + clipped_sum(rows_fn(chunk[0]), l2_norm_clip,
+                                           chunk[1])[0],
+      (chunks, valid), initializer=tf.zeros([size]))
+  total = add_gaussian_noise(total, noise_multiplier * l2_norm_clip,
+                             noise_seed)
+  expected = sampling_rate * tf.cast(num_examples, tf.float32)
+  return total / expected, tf.size(indices)
 
 
 def _stateless_seed(seed) -> tf.Tensor:

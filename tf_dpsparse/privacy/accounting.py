@@ -96,6 +96,54 @@ def compute_epsilon(noise_multiplier: float,
       accountant)
 
 
+def shuffled_batches_event(noise_multiplier: float, epochs: float,
+                           used_microbatching: bool = False
+                           ) -> dp_accounting.DpEvent:
+  """The DpEvent of DP-SGD on shuffled, fixed-size batches, for `epochs` passes.
+
+  Each example is in exactly one batch per epoch, so a pass over the data is
+  at most one Gaussian release of that example (no amplification by
+  sampling is claimed: shuffling is not Poisson sampling, and the amplified
+  number can badly understate the leakage, Chua et al., ICML 2024). A
+  partial epoch counts as a whole one. Microbatching (several examples per
+  clipped row) doubles the sensitivity under add/remove of one example,
+  which halves the effective noise multiplier. This is TF Privacy's
+  `compute_dp_sgd_privacy_statement` line "each example occurring once per
+  epoch", composed by `dp_accounting`.
+  """
+  if not noise_multiplier >= 0:
+    raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+  if not epochs >= 0:
+    raise ValueError(f'epochs must be >= 0, got {epochs}.')
+  z = noise_multiplier / 2 if used_microbatching else noise_multiplier
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(z), int(math.ceil(epochs - 1e-12)))
+
+
+def compute_epsilon_shuffled(noise_multiplier: float, dataset_size: int,
+                             batch_size: int, steps: int, delta: float,
+                             used_microbatching: bool = False,
+                             accountant: str = 'rdp') -> float:
+  """ε of `steps` DP-SGD steps on shuffled fixed-size batches (no sampling).
+
+  The honest bound when batches are not Poisson-sampled (a plain
+  `model.fit`, `tf.data` `shuffle().batch()`): `steps * batch_size /
+  dataset_size` epochs of `shuffled_batches_event`.
+  """
+  if not 0 < batch_size <= dataset_size:
+    raise ValueError(f'need 0 < batch_size <= dataset_size, got {batch_size} '
+                     f'and {dataset_size}.')
+  _check_schedule(noise_multiplier, 1.0, steps)
+  if steps == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  epochs = steps * batch_size / dataset_size
+  return epsilon_of(
+      shuffled_batches_event(noise_multiplier, epochs, used_microbatching),
+      delta, accountant)
+
+
 def calibrate_noise_multiplier(target_epsilon: float,
                                delta: float,
                                sampling_rate: float,
