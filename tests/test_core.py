@@ -264,3 +264,68 @@ def test_sparse_sync_moves_the_view_by_the_largest_differences(value_bits):
   sent, new_view = tds.core.sparse_sync(target, view, 60)
   assert np.count_nonzero(sent.values) == 40
   np.testing.assert_allclose(new_view, target, rtol=1e-6, atol=1e-7)
+
+
+def test_poisson_sample_is_per_example_bernoulli():
+  """Each example joins independently with probability q.
+
+  5,000 draws of 200 examples at q = 0.1, fixed seeds. Per-example inclusion
+  frequencies: each within 5 sd of q (sd = sqrt(q(1-q)/5000) = 0.0042), and
+  their spread that of a binomial (chi-square-like, within 20 %). Batch
+  sizes: mean n q within 1 %, variance n q (1 - q) within 10 % (a fixed-size
+  batch would have variance 0). Pairs: two examples co-occur at q^2 within
+  5 sd, as independence requires.
+  """
+  n, q, draws = 200, 0.1, 5000
+  masks = np.zeros((draws, n), bool)
+  for i in range(draws):
+    masks[i, tds.core.poisson_sample(n, q, seed=[i, 3]).numpy()] = True
+  freq = masks.mean(0)
+  sd = np.sqrt(q * (1 - q) / draws)
+  assert np.all(np.abs(freq - q) < 5 * sd)
+  assert np.std(freq) == pytest.approx(sd, rel=0.2)
+  sizes = masks.sum(1)
+  assert sizes.mean() == pytest.approx(n * q, rel=0.01)
+  assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
+  together = np.mean(masks[:, 0] & masks[:, 1])
+  assert abs(together - q * q) < 5 * np.sqrt(q * q * (1 - q * q) / draws)
+
+
+def test_poisson_sample_without_seed_differs_between_calls():
+  a = tds.core.poisson_sample(1000, 0.5).numpy()
+  b = tds.core.poisson_sample(1000, 0.5).numpy()
+  assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize('count, max_batch', [(0, 4), (3, 4), (8, 4), (9, 4)])
+def test_padded_chunks_keep_every_index_once(count, max_batch):
+  indices = tf.range(10, 10 + count)
+  chunks, valid = tds.core.padded_chunks(indices, max_batch)
+  assert chunks.shape[1] == max_batch
+  assert chunks.shape[0] == max(1, -(-count // max_batch))
+  np.testing.assert_array_equal(chunks.numpy()[valid.numpy()],
+                                np.arange(10, 10 + count))
+
+
+def test_poisson_average_divides_by_the_expected_batch_size():
+  """Noise off: the sum of the sampled rows, each clipped, over q n; a sample
+  larger than max_batch is not truncated."""
+  rows = tf.random.stateless_normal([300, 5], seed=[1, 2]) * 3.0
+  clip, q, seed = 2.0, 0.2, tf.constant([4, 5], tf.int64)
+  average, count = tds.core.poisson_gaussian_average(
+      lambda idx: tf.gather(rows, idx), num_examples=300, sampling_rate=q,
+      max_batch=7, size=5, l2_norm_clip=clip, noise_multiplier=0.0, seed=seed)
+  sample_seed = tf.random.experimental.stateless_split(seed, 2)[0]
+  sampled = tf.gather(rows, tds.core.poisson_sample(300, q, sample_seed))
+  clipped, _ = tds.core.clip_rows_by_l2_norm(sampled, clip)
+  assert int(count) == sampled.shape[0] > 7
+  np.testing.assert_allclose(average, tf.reduce_sum(clipped, 0) / (q * 300),
+                             rtol=1e-5)
+
+
+def test_gaussian_average_denominator_and_row_mask():
+  rows = tf.constant([[3.0, 4.0], [1.0, 0.0], [9.0, 9.0]])
+  mask = tf.constant([True, True, False])
+  average, _ = tds.core.gaussian_average(rows, 1.0, 0.0, denominator=4,
+                                         row_mask=mask)
+  np.testing.assert_allclose(average, [(0.6 + 1.0) / 4, 0.8 / 4], rtol=1e-6)

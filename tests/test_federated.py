@@ -338,6 +338,80 @@ def test_epsilon_and_budget_stop_example_level(clients):
   assert process.ledger.epsilon == spent
 
 
+def _per_example_grads(weights, x, y):
+  """Per-example flat gradients of the test model at `weights` (eager)."""
+  model = keras_model()
+  for v, w in zip(model.trainable_weights, weights):
+    v.assign(w)
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+  with tf.GradientTape() as tape:
+    losses = loss_fn(y, model(x))
+  jac = tape.jacobian(losses, model.trainable_weights)
+  return tf.concat([tf.reshape(j, [len(y), -1]) for j in jac], 1).numpy()
+
+
+def _client_arrays(dataset):
+  x, y = zip(*dataset.unbatch().as_numpy_iterator())
+  return np.stack(x), np.array(y)
+
+
+@pytest.mark.parametrize('max_batch_size', [5, 64])
+def test_example_level_step_is_a_poisson_dp_sgd_step(clients, max_batch_size):
+  """One device, one step, noise 0: the global change is lr times the sum of
+  the clipped gradients of exactly the examples `core.poisson_sample` draws
+  at the process's seed, over the expected batch size (not the count), in
+  one chunk or in many (max batch 5, so a sample of ~10 takes several)."""
+  lr, clip, batch, seed = 0.1, 0.5, 10, 7
+  process = federated.build_dp_sparse_fed_avg(
+      model_fn, sgd(lr), sgd(1.0), upload_density=1.0, download_density=1.0,
+      privacy='example', l2_norm_clip=clip, noise_multiplier=0.0,
+      batch_size=batch, local_steps=1, min_client_examples=120,
+      max_batch_size=max_batch_size, seed=seed)
+  state = process.initialize()
+  before = _flat(process.get_model_weights(state))
+  store = federated.ClientStateStore(1, process.size)
+  out = process.next(state, [clients[0]], store.get([0]))
+  change = before - _flat(process.get_model_weights(out.state))
+  # The seeds the device derives: (seed, round 1, client 0, int64 step 0),
+  # split into the sampling seed and the noise seed.
+  step_seed = tds.core.fold_in_seed(tds.core.fold_in_seed(
+      tds.core.fold_in_seed(seed, 1), 0), tf.constant(0, tf.int64))
+  sample_seed = tf.random.experimental.stateless_split(step_seed, 2)[0]
+  x, y = _client_arrays(clients[0])
+  sampled = tds.core.poisson_sample(len(y), batch / len(y), sample_seed).numpy()
+  assert len(sampled) > 0
+  rows = _per_example_grads(
+      process.get_model_weights(state).trainable, x[sampled], y[sampled])
+  clipped = rows * np.minimum(1, clip / np.linalg.norm(rows, axis=1))[:, None]
+  expected = lr * clipped.sum(0) / batch
+  np.testing.assert_allclose(change, expected, atol=1e-5)
+
+
+def test_devices_below_min_client_examples_are_refused(clients):
+  process = _build('example', density=0.1, l2_norm_clip=1.0,
+                   noise_multiplier=1.0, batch_size=10, local_steps=1,
+                   min_client_examples=120, delta=1e-5)
+  state = process.initialize()
+  small = clients[0].unbatch().take(40).batch(30)
+  store = federated.ClientStateStore(2, process.size)
+  with pytest.raises(ValueError, match='40 examples, fewer than '
+                     'min_client_examples=120'):
+    process.next(state, [clients[1], small], store.get([0, 1]))
+  assert process.ledger.epsilon == 0.0 and not process.ledger.entries
+
+
+def test_default_max_batch_size_overflows_one_step_in_twenty():
+  from tf_dpsparse.federated import learning
+  rng = np.random.default_rng(0)
+  for b in (4, 16, 64):
+    chunk = learning.default_max_batch_size(b)
+    counts = rng.poisson(b, 100_000)  # batch sizes, ~Binomial(n, b / n)
+    overflow = np.mean(counts > chunk)
+    assert b < chunk and overflow <= 0.05 + 0.005  # 0.005: 7 sd of the mean
+    assert np.mean(counts > chunk - 1) > 0.05 - 0.005  # the smallest such
+
+
 def test_epsilon_client_level(clients):
   process = _build('client', density=0.1, l2_norm_clip=0.5,
                    noise_multiplier=1.1, clients_per_round=4,

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+from scipy import stats
 
 from tf_dpsparse import _workers
 from tf_dpsparse import core
@@ -93,13 +94,42 @@ def _split_batch(batch):
   return batch[0], batch[1]
 
 
+def _all_examples(data):
+  """The device's whole dataset as two tensors `(x, y)` (any batching in).
+
+  Poisson sampling draws from every example each step, so the device holds
+  its (small: hundreds of sensor windows) dataset in memory.
+  """
+  return _split_batch(data.unbatch().batch(2**31 - 1).get_single_element())
+
+
+def default_max_batch_size(batch_size: int) -> int:
+  """Rows per padded chunk of a Poisson batch: a second chunk 1 step in 20.
+
+  A Poisson batch of expected size b holds about Poisson(b) examples. Each
+  chunk costs a vectorized pass of its rows plus a fixed overhead, so the
+  chunk is the 95 % quantile of Poisson(b) (23 at b = 16): padding stays
+  moderate and a larger sample, 1 step in 20, takes one more chunk. It
+  never affects privacy.
+  """
+  return int(stats.poisson.ppf(0.95, batch_size))
+
+
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
-                         noise_multiplier, batch_size, local_steps,
-                         per_example_loss_fn, value_bits, seed):
+                         noise_multiplier, batch_size, max_batch_size,
+                         local_steps, per_example_loss_fn, value_bits, seed):
   """The device's round as a tf.function (builds its own model, as TFF does).
 
   It trains from `initial_weights` and returns the client state with the new
-  residual, every other field unchanged.
+  residual, every other field unchanged. Example level: `local_steps`
+  DP-SGD steps, each on a Poisson sample of the device's n examples at rate
+  batch_size / n (`core.poisson_gaussian_average`: every example joins
+  independently, the noised sum is divided by the expected batch size
+  batch_size, and a large sample takes more chunks, never truncated). n is
+  treated as public, as TF Privacy and Opacus do; the process refuses
+  devices below `min_client_examples`, so every device's rate is at most
+  the accounted batch_size / min_client_examples. Other modes take the
+  caller's batches, `local_steps` of them at most.
   """
   model = model_fn()
 
@@ -111,45 +141,30 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
     weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
     trainable = tuple(weights.trainable)
+    client_seed = None if seed is None else core.fold_in_seed(
+        core.fold_in_seed(seed, round_num), client_state.client_id)
     if privacy == 'example':
-      # Fixed-size batches, `local_steps` of them: what the accountant assumes
-      # (shuffling stands in for Poisson sampling, as in TF Privacy).
-      data = data.unbatch().shuffle(1024).repeat().batch(
-          batch_size, drop_remainder=True).take(local_steps)
-    if seed is None:
-      client_seed = None
+      x_all, y_all = _all_examples(data)
+      gradients = _poisson_dp_gradients(
+          model, trainable, x_all, y_all, per_example_loss_fn,
+          batch_size=batch_size, max_batch_size=max_batch_size,
+          l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+          client_seed=client_seed)
+      data = tf.data.Dataset.range(local_steps)
     else:
-      client_seed = core.fold_in_seed(core.fold_in_seed(seed, round_num),
-                                      client_state.client_id)
-
-    def gradients(batch, step):
-      if privacy != 'example':
-        with tf.GradientTape() as tape:
-          output = model.forward_pass(batch, training=True)
-        return tape.gradient(output.loss, trainable), output.loss
-      x, y = _split_batch(batch)
-      with tf.GradientTape() as tape:
-        losses = per_example_loss_fn(y, model.predict_on_batch(x, training=True))
-      jacobians = tape.jacobian(losses, trainable, experimental_use_pfor=True)
-      rows = tf.concat([tf.reshape(j, [batch_size, -1]) for j in jacobians], 1)
-      step_seed = None if client_seed is None else core.fold_in_seed(
-          client_seed, step)
-      mean, _ = core.gaussian_average(rows, l2_norm_clip, noise_multiplier,
-                                      step_seed)
-      return core.unflatten(mean, trainable), tf.reduce_mean(losses)
+      gradients = _batch_gradients(model, trainable)
 
     @tf.autograph.experimental.do_not_convert
-    def reduce_fn(loop_state, batch):
-      step, loss_sum, opt_state = loop_state
-      grads, loss = gradients(batch, step)
+    def reduce_fn(loop_state, element):
+      step, opt_state = loop_state
+      grads = gradients(element, step)
       opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
       tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
-      return step + 1, loss_sum + loss, opt_state
+      return step + 1, opt_state
 
     specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-    steps, loss_sum, _ = data.reduce(
-        (tf.constant(0, tf.int64), tf.constant(0.0), optimizer.initialize(specs)),
-        reduce_fn)
+    data.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)),
+                reduce_fn)
     update = (core.flatten(initial_weights.trainable) -
               core.flatten(weights.trainable))
     # Example level: `update` is DP-SGD output and the shared indices are the
@@ -165,12 +180,69 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
     new_state = tff.structure.to_odict(client_state)
     new_state['residual'] = residual
     metrics = collections.OrderedDict(
-        loss=loss_sum / tf.maximum(tf.cast(steps, tf.float32), 1.0),
+        loss=_training_loss(model, data if privacy != 'example' else
+                            tf.data.Dataset.from_tensors((x_all, y_all))),
         clipped=tf.cast(clipped, tf.float32),
         residual_norm=tf.norm(residual))
     return upload, new_state, metrics
 
   return client_update
+
+
+def _batch_gradients(model, trainable):
+  """Plain (non-private at the device) gradients of the caller's batches."""
+
+  def gradients(batch, step):
+    del step
+    with tf.GradientTape() as tape:
+      output = model.forward_pass(batch, training=True)
+    return tape.gradient(output.loss, trainable)
+
+  return gradients
+
+
+def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
+                          *, batch_size, max_batch_size, l2_norm_clip,
+                          noise_multiplier, client_seed):
+  """DP-SGD gradients of one Poisson-sampled step (see `_build_client_update`)."""
+  num_examples = tf.shape(y_all)[0]
+  size = sum(v.shape.num_elements() for v in trainable)
+
+  def rows_fn(indices):
+    x, y = tf.gather(x_all, indices), tf.gather(y_all, indices)
+    with tf.GradientTape() as tape:
+      losses = per_example_loss_fn(y, model.predict_on_batch(x, training=True))
+    jacobians = tape.jacobian(losses, trainable, experimental_use_pfor=True)
+    return tf.concat(
+        [tf.reshape(j, [max_batch_size, -1]) for j in jacobians], 1)
+
+  def gradients(step_element, step):
+    del step_element
+    step_seed = None if client_seed is None else core.fold_in_seed(
+        client_seed, step)
+    mean, _ = core.poisson_gaussian_average(
+        rows_fn, num_examples=num_examples,
+        sampling_rate=batch_size / tf.cast(num_examples, tf.float32),
+        max_batch=max_batch_size, size=size, l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier, seed=step_seed)
+    return core.unflatten(mean, trainable)
+
+  return gradients
+
+
+def _training_loss(model, data):
+  """Mean loss of the trained model on the device's data: a diagnostic.
+
+  Computed from raw data and not covered by ε: simulations report it; a
+  deployed device sends only its upload (`tds.server`).
+  """
+  def add(total, batch):
+    output = model.forward_pass(batch, training=False)
+    n = tf.cast(output.num_examples, tf.float32)
+    return total[0] + output.loss * n, total[1] + n
+
+  loss_sum, count = data.reduce((0.0, 0.0), add)
+  return loss_sum / tf.maximum(count, 1.0)
 
 
 def build_dp_sparse_fed_avg_process(
@@ -180,7 +252,8 @@ def build_dp_sparse_fed_avg_process(
     *, upload_density: float, download_density: float, privacy: Optional[str],
     l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
     clients_per_round: Optional[int], batch_size: Optional[int],
-    local_steps: Optional[int], per_example_loss_fn, value_bits: int,
+    max_batch_size: Optional[int], local_steps: Optional[int],
+    per_example_loss_fn, value_bits: int,
     history: int, shared_fraction: float, catch_up: str,
     catch_up_density: float,
     seed: Optional[int]) -> tff.templates.IterativeProcess:
@@ -226,9 +299,10 @@ def build_dp_sparse_fed_avg_process(
     return _build_client_update(
         model_fn, client_optimizer, privacy=privacy, k=k_up,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        batch_size=batch_size, local_steps=local_steps,
-        per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
-        seed=seed)(weights, data, client_state, round_num, shared_indices)
+        batch_size=batch_size, max_batch_size=max_batch_size,
+        local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
+        value_bits=value_bits, seed=seed)(weights, data, client_state,
+                                          round_num, shared_indices)
 
   dist_state_type = distributor.state_type.member
 
@@ -360,6 +434,28 @@ def _field(name, struct_type):
   return get
 
 
+def num_examples(dataset: tf.data.Dataset) -> int:
+  """Examples in a client dataset of (x, y) batches, as TFF models take."""
+  return int(dataset.reduce(
+      np.int64(0), lambda n, batch: n + tf.shape(
+          _split_batch(batch)[1], out_type=tf.int64)[0]))
+
+
+def _check_client_sizes(client_data, min_client_examples: int) -> None:
+  """Refuses devices below `min_client_examples`, before any work.
+
+  Their Poisson sampling rate batch_size / n would exceed the accounted one,
+  so the ledger's ε would understate what they spend.
+  """
+  for i, dataset in enumerate(client_data):
+    n = num_examples(dataset)
+    if n < min_client_examples:
+      raise ValueError(
+          f'client {i} holds {n} examples, fewer than min_client_examples='
+          f'{min_client_examples} that the privacy accounting assumes; '
+          'nothing was run.')
+
+
 class RoundOutput(NamedTuple):
   state: object
   client_states: list
@@ -376,7 +472,8 @@ class DPSparseFedAvg:
   """
 
   def __init__(self, process, *, size, upload_k, download_k, catch_up,
-               privacy, noise_multiplier, round_event, ledger):
+               privacy, noise_multiplier, round_event, ledger,
+               min_client_examples=None):
     self.iterative_process = process
     self.size = size
     self.catch_up = catch_up
@@ -386,6 +483,7 @@ class DPSparseFedAvg:
     self.noise_multiplier = noise_multiplier
     self.round_event = round_event
     self.ledger = ledger
+    self.min_client_examples = min_client_examples
     self._executors = _workers.LatestCardinality()
 
   def initialize(self):
@@ -412,6 +510,8 @@ class DPSparseFedAvg:
     if len(client_data) != len(client_states):
       raise ValueError(f'{len(client_data)} client datasets but '
                        f'{len(client_states)} client states.')
+    if self.min_client_examples is not None:
+      _check_client_sizes(client_data, self.min_client_examples)
     if self.ledger is not None:
       self.ledger.record(self.round_event)  # raises before any work
     state, client_states, metrics = self.iterative_process.next(
@@ -461,6 +561,7 @@ def build_dp_sparse_fed_avg(
     batch_size: Optional[int] = None,
     local_steps: Optional[int] = None,
     min_client_examples: Optional[int] = None,
+    max_batch_size: Optional[int] = None,
     per_example_loss_fn=None,
     value_bits: int = 32,
     history: int = 32,
@@ -477,15 +578,24 @@ def build_dp_sparse_fed_avg(
     client_optimizer_fn, server_optimizer_fn: `tff.learning.optimizers`
       optimizers (server default: SGD with learning rate 1, i.e. FedAvg).
     upload_density, download_density: fraction of parameters sent each way.
-    privacy: None, 'example' (local DP-SGD on each device: per-example
-      clipping to `l2_norm_clip` and noise; needs `batch_size`, `local_steps`,
-      `min_client_examples`) or 'client' (DP-FedAvg: sent update clipped to
+    privacy: None, 'example' (local DP-SGD on each device: `local_steps`
+      steps per round, each on a Poisson sample of the device's examples at
+      rate batch_size / n, per-example clipping to `l2_norm_clip` and
+      noise; needs `batch_size`, `local_steps`, `min_client_examples`) or
+      'client' (DP-FedAvg: sent update clipped to
       `l2_norm_clip`, server noise; needs `clients_per_round`,
       `total_clients`, and clients sampled by Poisson sampling at rate
       clients_per_round / total_clients, which the accountant assumes).
     noise_multiplier / target_epsilon: give one; with `target_epsilon` the
       noise is calibrated (`tds.privacy`) for `rounds` rounds at `delta` and
       the ledger's budget is `target_epsilon`.
+    min_client_examples: example mode: the fewest examples a device may
+      hold. It sets the accounted sampling rate batch_size /
+      min_client_examples, the largest any device uses, and `next` refuses
+      a device holding fewer, before any work.
+    max_batch_size: example mode: rows per padded chunk of a Poisson batch
+      (`default_max_batch_size(batch_size)` when None). A larger sample
+      takes more chunks; this changes cost only, never privacy.
     per_example_loss_fn: (y_true, y_pred) -> per-example losses, for example
       mode; default sparse categorical cross-entropy on logits.
     value_bits: 32, 16 or 8, the wire precision of values both ways: values are
@@ -508,9 +618,11 @@ def build_dp_sparse_fed_avg(
       out; the rest is the device's own top-k. 0 is plain top-k.
     seed: fixes all noise (tests); OS entropy when None.
 
-  Example-level accounting is per device, worst case: it assumes a device
-  takes part in every round with sampling rate batch_size /
-  min_client_examples for `local_steps` steps per round.
+  Example-level accounting is per device, worst case: a device taking part
+  in every round, `local_steps` Poisson-sampled steps per round at rate
+  batch_size / min_client_examples. Each device samples at batch_size / n
+  for its own n >= min_client_examples (n treated as public, as in TF
+  Privacy and Opacus), so its ε is at most the one reported.
   """
   if privacy not in privacy_lib.PRIVACY_MODES:
     raise ValueError(f'privacy mode must be one of {privacy_lib.PRIVACY_MODES}, '
@@ -541,7 +653,13 @@ def build_dp_sparse_fed_avg(
         if value is None or value < 1:
           raise ValueError(f"privacy='example' needs {name} >= 1.")
       if min_client_examples < batch_size:
-        raise ValueError('every client needs at least batch_size examples.')
+        raise ValueError(
+            f'min_client_examples={min_client_examples} is below batch_size='
+            f'{batch_size}: the sampling rate batch_size / n must be <= 1.')
+      if max_batch_size is None:
+        max_batch_size = default_max_batch_size(batch_size)
+      elif max_batch_size < 1:
+        raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}.')
       rate, steps_per_round = batch_size / min_client_examples, local_steps
     else:
       if not clients_per_round or not total_clients:
@@ -562,9 +680,9 @@ def build_dp_sparse_fed_avg(
       upload_density=upload_density, download_density=download_density,
       privacy=privacy, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
-      batch_size=batch_size, local_steps=local_steps,
-      per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
-      history=history, shared_fraction=shared_fraction, catch_up=catch_up,
+      batch_size=batch_size, max_batch_size=max_batch_size,
+      local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
+      value_bits=value_bits, history=history, shared_fraction=shared_fraction, catch_up=catch_up,
       catch_up_density=catch_up_density, seed=seed)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   return DPSparseFedAvg(
@@ -572,4 +690,5 @@ def build_dp_sparse_fed_avg(
       download_k=core.k_for_density(size, download_density),
       catch_up=catch_up, privacy=privacy,
       noise_multiplier=noise_multiplier, round_event=round_event,
-      ledger=ledger)
+      ledger=ledger,
+      min_client_examples=min_client_examples if privacy == 'example' else None)

@@ -75,7 +75,7 @@ def _load(config: RunConfig):
 
 def _client_dataset(fed, client_id, config, rng):
   ds = fed.client_dataset(client_id)
-  if config.privacy == 'example':  # the process re-batches for accounting
+  if config.privacy == 'example':  # each device Poisson-samples all of it
     return ds.batch(config.batch_size)
   return ds.shuffle(fed.client_sizes[client_id], seed=int(rng.integers(2**31))).repeat().batch(
       config.batch_size).take(config.local_steps)
