@@ -1,8 +1,10 @@
-"""LiteRT client and payload server: TF parity, builtins only, noise, wire checks."""
+"""LiteRT client and payload server: TF parity, Poisson sampling, builtins only,
+noise, wire checks."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy import stats
 from sklearn.datasets import load_digits
 
 import tf_dpsparse as tds
@@ -124,6 +126,112 @@ def test_infer_dropout_and_final_softmax():
   client.train(x[:BATCH], np.zeros(BATCH, np.int32))  # dropout path runs
 
 
+POISSON_N, MAX_BATCH = 20, 4  # q = BATCH / POISSON_N = 0.3
+
+
+def _memberships(samples, num_examples):
+  """bool [draws, num_examples]: which examples each sample holds."""
+  members = np.zeros((len(samples), num_examples), bool)
+  for row, indices in zip(members, samples):
+    indices = np.asarray(indices)
+    assert np.all(np.diff(indices) > 0)  # ascending, distinct
+    row[indices] = True
+  return members
+
+
+def _assert_bernoulli(members, q):
+  """Every entry Bernoulli(q), independent across examples and draws.
+
+  Tolerances, for d draws of n examples (about 5 standard errors each):
+  every example's frequency within 5 sqrt(q (1 - q) / d) of q; every
+  correlation between two examples within 5 / sqrt(d), the lag-1
+  correlation between draws within 5 / sqrt(d n); sample sizes
+  Binomial(n, q) by a chi-square test at p > 1e-3.
+  """
+  draws, n = members.shape
+  error = np.abs(members.mean(axis=0) - q)
+  assert np.all(error < 5 * np.sqrt(q * (1 - q) / draws)), error.max()
+  pairs = np.corrcoef(members.T)[np.triu_indices(n, 1)]
+  assert np.max(np.abs(pairs)) < 5 / np.sqrt(draws), np.max(np.abs(pairs))
+  lag = np.corrcoef(members[1:].ravel(), members[:-1].ravel())[0, 1]
+  assert abs(lag) < 5 / np.sqrt(draws * n), lag
+  observed = np.bincount(members.sum(axis=1), minlength=n + 1)
+  expected = draws * stats.binom.pmf(np.arange(n + 1), n, q)
+  rare = expected < 5  # pooled into one bin
+  pvalue = stats.chisquare(
+      np.append(observed[~rare], observed[rare].sum()),
+      np.append(expected[~rare], expected[rare].sum())).pvalue
+  assert pvalue > 1e-3, pvalue
+
+
+def test_device_sampling_is_bernoulli_q_like_core_poisson_sample(dense_bytes):
+  n = 30
+  client = tds.lite.LiteClient(dense_bytes, sampling_seed=0)
+  q = client.sampling_rate(n)
+  assert q == BATCH / n
+  _assert_bernoulli(_memberships([client.sample(n) for _ in range(4000)], n),
+                    q)
+  core_samples = [tds.core.poisson_sample(n, q, tf.constant([i, 0], tf.int64))
+                  for i in range(2000)]
+  _assert_bernoulli(_memberships([s.numpy() for s in core_samples], n), q)
+  # Unseeded: OS entropy, so two devices draw differently, even when the
+  # program seeded every global generator.
+  draws = []
+  for _ in range(2):
+    tf.keras.utils.set_random_seed(0)
+    draws.append(tds.lite.LiteClient(dense_bytes).sample(1000))
+  assert not np.array_equal(*draws)
+  with pytest.raises(ValueError, match='at least batch_size'):
+    client.sample(BATCH - 1)
+
+
+def _hand_poisson_step(model, x, y, sample):
+  """SGD on (sum of the sample's clipped per-example gradients) / BATCH.
+
+  One tape per example, clipping and sum in numpy (not tds.core). Returns
+  the largest gradient norm and the sample's mean loss, before the step.
+  """
+  variables = model.trainable_variables
+  total, norms, losses = 0.0, [0.0], []
+  for i in sample:
+    with tf.GradientTape() as tape:
+      loss = tf.keras.losses.sparse_categorical_crossentropy(
+          y[i:i + 1], model(x[i:i + 1]), from_logits=True)[0]
+    grad = np.concatenate([np.ravel(g)
+                           for g in tape.gradient(loss, variables)])
+    norms.append(np.linalg.norm(grad))
+    total = total + grad * min(1.0, CLIP / norms[-1])
+    losses.append(float(loss))
+  flat = tds.core.flatten(variables).numpy() - LR * total / BATCH
+  for v, value in zip(variables, tds.core.unflatten(flat, variables)):
+    v.assign(value)
+  return max(norms), np.mean(losses)
+
+
+def test_poisson_steps_equal_the_hand_computation_with_noise_zero():
+  model = dense_model()
+  model_bytes = export(model, max_batch=MAX_BATCH)
+  client = tds.lite.LiteClient(model_bytes, sampling_seed=12)
+  twin = tds.lite.LiteClient(model_bytes, sampling_seed=12)  # same draws
+  assert (client.batch_size, client.max_batch) == (BATCH, MAX_BATCH)
+  rng = np.random.default_rng(0)
+  x = 3 * rng.normal(size=(POISSON_N, 8)).astype(np.float32)
+  y = rng.integers(0, 4, POISSON_N).astype(np.int32)
+  samples = [twin.sample(POISSON_N) for _ in range(3)]
+  # 3 chunks (10 > 2 * MAX_BATCH), 2 chunks, and exactly one full chunk.
+  assert [len(s) for s in samples] == [10, 6, 4]
+  for sample in samples:
+    loss = client.train_step(x, y)
+    max_norm, expected_loss = _hand_poisson_step(model, x, y, sample)
+    assert max_norm > CLIP  # per-example clipping was exercised
+    assert loss == pytest.approx(expected_loss, abs=1e-5)
+    np.testing.assert_allclose(client.get_weights(),
+                               tds.core.flatten(model.trainable_variables),
+                               rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match='max_batch'):
+    export(model, max_batch=0)
+
+
 def _state(client, tmp_path):
   client.save(tmp_path / 'state.npz')
   with np.load(tmp_path / 'state.npz') as state:
@@ -216,8 +324,14 @@ def test_builtins_only_and_runs_under_ai_edge_litert(conv1d_bytes):
   assert {'RANDOM_STANDARD_NORMAL', 'TOPK_V2', 'BATCH_MATMUL'} <= set(ops)
   client = tds.lite.LiteClient(conv1d_bytes)
   assert type(client._interpreter).__module__ == 'ai_edge_litert.interpreter'
+  assert set(client._interpreter.get_signature_list()) == set(
+      tds.lite.SIGNATURES)
+  assert (client.batch_size, client.max_batch) == (BATCH, BATCH)
+  assert (client.l2_norm_clip, client.noise_multiplier) == (CLIP, 0.0)
   x, y = batches(conv1d_model(), 1)[0]
   assert np.isfinite(client.train(x, y))
+  x_all = np.concatenate([x, x, x])
+  assert np.isfinite(client.train_step(x_all, np.concatenate([y, y, y])))
 
 
 def test_operator_names_detects_flex_ops():
@@ -381,8 +495,8 @@ def test_export_refuses_unsupported_layers(layer, message):
     export(model)
 
 
-def test_three_devices_learn_digits_with_dp_sgd():
-  """Unseeded (every device draws its own noise): 0.84-0.86 seen; bar 0.7."""
+def test_three_devices_learn_digits_with_poisson_dp_sgd():
+  """Unseeded (own noise and sampling per device): 0.84-0.86 seen; bar 0.7."""
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
   y = digits.target.astype(np.int32)
@@ -394,12 +508,10 @@ def test_three_devices_learn_digits_with_dp_sgd():
   clients = [tds.lite.LiteClient(model_bytes) for _ in range(3)]
   server = PayloadRound(clients[0].get_weights(), density=0.25, mode='example')
   shards = np.array_split(np.arange(1500), 3)
-  rng = np.random.default_rng(0)
   for _ in range(20):
     for cid, (client, shard) in enumerate(zip(clients, shards)):
       for _ in range(10):
-        batch = rng.choice(shard, 16, replace=False)
-        client.train(x[batch], y[batch])
+        client.train_step(x[shard], y[shard])
       server.submit(cid, client.upload())
     download = server.finish().download
     for client in clients:

@@ -4,7 +4,10 @@
 only, so it runs on the plain LiteRT runtime) that trains with DP-SGD, keeps
 its upload residual and public model, emits the top-k update and applies the
 sparse download; `LiteClient` drives it from numpy and speaks `tds.codec`.
-The server side of a deployment without TFF is `tds.server.PayloadRound`.
+`LiteClient.train_step` is a Poisson-sampled DP-SGD step over the device's
+examples (each joins with probability q = batch_size / n), the sampling
+`tds.privacy.compute_epsilon` accounts for. The server side of a deployment
+without TFF is `tds.server.PayloadRound`.
 """
 
 from tf_dpsparse.lite.client import LiteClient

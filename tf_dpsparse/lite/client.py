@@ -1,18 +1,32 @@
 """`LiteClient`: a device's side of a round, on the LiteRT interpreter.
 
 A thin wrapper: the math runs in the exported flatbuffer's signatures; this
-class moves numpy arrays in and out and turns the fixed-k update into wire
-bytes with `tds.codec`, and a download's bytes back into indices and values
-(validated: a malformed download raises `tds.codec.DecodeError` and leaves
-the state untouched).
+class moves numpy arrays in and out, draws the Poisson sample of each DP-SGD
+step, turns the fixed-k update into wire bytes with `tds.codec`, and a
+download's bytes back into indices and values (validated: a malformed
+download raises `tds.codec.DecodeError` and leaves the state untouched).
+
+Sampling: `train_step` puts each of the device's n examples in the step's
+batch independently with probability q = batch_size / n, the sampling of
+`core.poisson_sample` and of the accountant's `PoissonSampledDpEvent`
+(`tds.privacy.compute_epsilon`). n is treated as public, as TF Privacy and
+Opacus do. The draw is numpy's (`Generator.random(n) < q`, the same rule as
+`core.poisson_sample`), from OS entropy unless `sampling_seed` is given:
+numpy rather than TensorFlow's global generator, which `tf.random.set_seed`
+would make repeat across runs. (The wrapper still imports TensorFlow through
+`tds.core`, for the codec and `core.padded_chunks`; the flatbuffer itself
+needs only the LiteRT runtime.)
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
 from tf_dpsparse.core import codec
 from tf_dpsparse.core.transforms import SparseUpdate
+from tf_dpsparse.core.transforms import padded_chunks
 
 try:  # the standalone runtime a device ships with
   from ai_edge_litert.interpreter import Interpreter
@@ -29,33 +43,97 @@ class LiteClient:
       `value_bits` the client was exported with: the device then rounds and
       keeps the error; otherwise the encoder rounds and the error is lost.
     num_threads: interpreter threads (None: the runtime's default).
+    sampling_seed: seeds the Poisson sampling of `train_step` (tests only).
+      None: OS entropy. The DP noise is the flatbuffer's (`export_client`'s
+      `seed`).
+
+  Attributes read from the flatbuffer: `batch_size` (the expected batch
+  size, every step's denominator), `max_batch` (rows per `accumulate`
+  call), `l2_norm_clip` and `noise_multiplier` (for the accountant),
+  `input_shape`, `k` and `size`.
   """
 
   def __init__(self, model_bytes: bytes, *, value_bits: int = 32,
-               num_threads=None):
+               num_threads=None, sampling_seed: Optional[int] = None):
     self._interpreter = Interpreter(model_content=model_bytes,
                                     num_threads=num_threads)
     self._runners = {key: self._interpreter.get_signature_runner(key)
                      for key in self._interpreter.get_signature_list()}
-    train_inputs = self._runners['train'].get_input_details()
-    self.batch_size = int(train_inputs['y']['shape'][0])
-    self.input_shape = tuple(int(d) for d in train_inputs['x']['shape'][1:])
+    chunk = self._runners['accumulate'].get_input_details()
+    self.max_batch = int(chunk['y']['shape'][0])
+    self.input_shape = tuple(int(d) for d in chunk['x']['shape'][1:])
+    config = self._runners['config']()
+    self.batch_size = int(config['batch_size'])
+    self.l2_norm_clip = float(config['l2_norm_clip'])
+    self.noise_multiplier = float(config['noise_multiplier'])
     self.k = int(self._runners['get_update'].get_output_details()['indices']
                  ['shape'][0])
     self.size = int(self._runners['set_weights'].get_input_details()['weights']
                     ['shape'][0])
     self.value_bits = value_bits
+    self._rng = np.random.default_rng(sampling_seed)
+
+  def sampling_rate(self, num_examples: int) -> float:
+    """q = batch_size / num_examples: what `train_step` samples with."""
+    if num_examples < self.batch_size:
+      raise ValueError(f'Poisson sampling needs at least batch_size='
+                       f'{self.batch_size} examples, got {num_examples}.')
+    return self.batch_size / num_examples
+
+  def sample(self, num_examples: int) -> np.ndarray:
+    """Ascending indices of one Poisson sample: each joins with probability q.
+
+    Draws from this client's generator, exactly as `train_step` does.
+    """
+    q = self.sampling_rate(num_examples)
+    return np.flatnonzero(self._rng.random(num_examples) < q).astype(np.int32)
+
+  def train_step(self, x, y) -> float:
+    """One Poisson-sampled DP-SGD step over all of the device's examples.
+
+    `x`, `y`: the device's n >= batch_size examples. Each joins the batch
+    with probability q = batch_size / n (`sample`); their clipped gradients
+    are summed in chunks of `max_batch` (as many as the sample needs), noised
+    once and divided by batch_size = q * n. The privacy of `steps` such steps
+    is `tds.privacy.compute_epsilon(noise_multiplier, sampling_rate(n),
+    steps, delta)`. Returns the mean loss of the sampled examples (0.0 if
+    none): data-dependent and not private, for the device's own display.
+    """
+    x, y = self._examples(x, y)
+    return self._dp_step(x, y, self.sample(len(y)))
 
   def train(self, x, y) -> float:
-    """One DP-SGD step on a batch of exactly `batch_size` examples; its loss."""
+    """One DP-SGD step on exactly these `batch_size` examples; their mean loss.
+
+    For callers that batch by themselves. The step is the same as
+    `train_step`'s, but its ε is *not* the Poisson one: for shuffled
+    fixed-size batches, use `tds.privacy.compute_epsilon_shuffled` (no
+    amplification by sampling); prefer `train_step`.
+    """
+    x, y = self._examples(x, y)
+    if len(y) != self.batch_size:
+      raise ValueError(f'train expects exactly batch_size={self.batch_size} '
+                       f'examples, got {len(y)}.')
+    return self._dp_step(x, y, np.arange(len(y), dtype=np.int32))
+
+  def _dp_step(self, x, y, indices) -> float:
+    """`accumulate` over padded chunks of `indices` (none dropped), `step`."""
+    chunks, valid = padded_chunks(indices, self.max_batch)
+    loss_sum = 0.0
+    for chunk, mask in zip(chunks.numpy(), valid.numpy()):
+      loss_sum += float(self._runners['accumulate'](
+          x=x[chunk], y=y[chunk], mask=mask)['loss_sum'])
+    self._runners['step']()
+    return loss_sum / max(1, len(indices))
+
+  def _examples(self, x, y):
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
-    if x.shape != (self.batch_size, *self.input_shape) or y.shape != (
-        self.batch_size,):
+    if x.shape[1:] != self.input_shape or y.shape != x.shape[:1]:
       raise ValueError(
-          f'train expects x {(self.batch_size, *self.input_shape)} and y '
-          f'({self.batch_size},), got {x.shape} and {y.shape}.')
-    return float(self._runners['train'](x=x, y=y)['loss'])
+          f'expected x of shape (n, {", ".join(map(str, self.input_shape))}) '
+          f'and y of shape (n,), got {x.shape} and {y.shape}.')
+    return x, y
 
   def infer(self, x) -> np.ndarray:
     """Logits for a batch of any size."""

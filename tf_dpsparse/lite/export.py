@@ -1,14 +1,21 @@
 """`export_client`: a Keras model as a self-training, DP, sparse-uploading .tflite.
 
 The exported flatbuffer holds the device's whole state as resource variables
-(the model weights, the *public* model it last synced with, and its upload
-residual) and eight signatures, each a `tf.function` that calls `tds.core`:
+(the model weights, the *public* model it last synced with, its upload
+residual, and the gradient sum of the DP-SGD step in progress) and ten
+signatures, each a `tf.function` that calls `tds.core`:
 
-* `train(x, y) -> loss`: one DP-SGD step on a fixed-size batch. Per-example
-  gradients (one backward pass against per-example copies of the weights,
-  see `layers`), then `core.gaussian_average` (per-example clipping, one
-  Gaussian draw on the sum, division by the batch size), then SGD. The
-  returned loss is not private: it is for the device's own display.
+* `accumulate(x, y, mask) -> loss_sum`: adds the clipped per-example
+  gradients of one chunk of `max_batch` examples to the accumulator
+  (`core.clipped_sum`; rows whose `mask` is False are padding and add
+  nothing). Per-example gradients come from one backward pass against
+  per-example copies of the weights (see `layers`).
+* `step() -> size`: closes the DP-SGD step: adds N(0, (noise_multiplier *
+  l2_norm_clip)^2) once to the accumulated sum (`core.add_gaussian_noise`),
+  divides by the exported `batch_size`, applies SGD and zeroes the
+  accumulator.
+* `config() -> batch_size, l2_norm_clip, noise_multiplier`: the privacy
+  settings baked in, so the runtime wrapper accounts with the exported ones.
 * `infer(x) -> logits` (any batch size).
 * `get_update() -> indices, values`: `core.topk_with_error_feedback` of
   (weights - public) plus the residual. With `update_l2_norm_clip`, the sent
@@ -26,11 +33,23 @@ residual) and eight signatures, each a `tf.function` that calls `tds.core`:
 Every state-changing signature returns a value: the converter silently
 drops a signature without outputs, side effects included (measured).
 
+Poisson sampling (what the accountant assumes, `tds.privacy.compute_epsilon`
+at q = batch_size / n): the batch of a step is a Poisson sample of the
+device's n examples, so its size varies and may exceed any static shape.
+Overflow is made impossible rather than truncated: `LiteClient.train_step`
+samples, cuts the sample into padded chunks of `max_batch`
+(`core.padded_chunks`) and calls `accumulate` once per chunk, then `step`
+once. A large sample takes more chunks; `max_batch` changes cost, never the
+result. `step` divides by `batch_size`, the *expected* batch size q * n, never
+by the realized count (which is data-dependent). The sampling itself happens
+in the wrapper, not in the flatbuffer (see `LiteClient`).
+
 Privacy (example-level): the upload is a function of DP-SGD's noised steps
 and the residual of earlier noised steps, so choosing its top-k is
-post-processing; the residual never leaves the device. With
-`update_l2_norm_clip` (client-level) the upload is clipped but not noised:
-the server must be trusted to add noise to the aggregate (`tds.server`).
+post-processing; the residual and the accumulator never leave the device.
+With `update_l2_norm_clip` (client-level) the upload is clipped but not
+noised: the server must be trusted to add noise to the aggregate
+(`tds.server`).
 
 Noise: `core.add_gaussian_noise` is called unseeded, which lowers to the
 RANDOM_STANDARD_NORMAL builtin. Without `seed` its seed attributes are 0 and
@@ -52,8 +71,9 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tf_dpsparse import core
 from tf_dpsparse.lite import layers
 
-SIGNATURES = ('train', 'infer', 'get_update', 'apply_download', 'get_weights',
-              'set_weights', 'save', 'restore')
+SIGNATURES = ('accumulate', 'step', 'config', 'infer', 'get_update',
+              'apply_download', 'get_weights', 'set_weights', 'save',
+              'restore')
 
 
 def per_example_loss(logits, labels, num_classes: int):
@@ -65,107 +85,133 @@ def per_example_loss(logits, labels, num_classes: int):
 class _ClientModule(tf.Module):
   """The device's computation and state; see the module docstring."""
 
-  def __init__(self, keras_model, *, batch_size, l2_norm_clip,
+  def __init__(self, keras_model, *, batch_size, max_batch, l2_norm_clip,
                noise_multiplier, density, learning_rate, num_classes,
                update_l2_norm_clip, value_bits, seed):
     super().__init__()
-    forward, variables = layers.lower(keras_model)
+    self._forward, variables = layers.lower(keras_model)
     self._params = [tf.Variable(v.read_value(), name=v.name.split(':')[0])
                     for v in variables]
     flat = core.flatten(self._params)
-    size = int(flat.shape[0])
-    k = core.k_for_density(size, density)
+    self._size = int(flat.shape[0])
+    self._k = core.k_for_density(self._size, density)
     self._public = tf.Variable(flat, name='public')
-    self._residual = tf.Variable(tf.zeros([size]), name='residual')
-    x_shape = list(keras_model.input_shape[1:])
-    params = self._params
+    self._residual = tf.Variable(tf.zeros([self._size]), name='residual')
+    self._accumulator = tf.Variable(tf.zeros([self._size]),
+                                    name='accumulator')
+    self._batch_size, self._max_batch = batch_size, max_batch
+    self._clip, self._noise_multiplier = l2_norm_clip, noise_multiplier
+    self._learning_rate, self._num_classes = learning_rate, num_classes
+    self._update_clip, self._value_bits = update_l2_norm_clip, value_bits
+    self._seed = seed
+    self.functions = self._functions(list(keras_model.input_shape[1:]))
 
-    def assign_weights(flat_weights):
-      for p, value in zip(params, core.unflatten(flat_weights, params)):
-        p.assign(value)
-
-    def train(x, y):
-      # The seed of this function's graph only; None leaves RNG seeds at 0.
-      tf.compat.v1.get_default_graph().seed = seed
-      with tf.GradientTape() as tape:
-        copies = [tf.tile(tf.expand_dims(p, 0),
-                          [batch_size] + [1] * p.shape.rank) for p in params]
-        tape.watch(copies)
-        losses = per_example_loss(forward(copies, x, True), y, num_classes)
-        total = tf.reduce_sum(losses)
-      rows = tf.concat([tf.reshape(g, [batch_size, -1])
-                        for g in tape.gradient(total, copies)], axis=1)
-      mean, _ = core.gaussian_average(rows, l2_norm_clip, noise_multiplier)
-      for p, g in zip(params, core.unflatten(mean, params)):
-        p.assign_sub(learning_rate * g)
-      return {'loss': tf.reduce_mean(losses)}
-
-    def infer(x):
-      return {'logits': forward(params, x, False)}
-
-    def get_update():
-      delta = core.flatten(params) - self._public
-      sparse, residual, _ = core.clipped_topk_with_error_feedback(
-          delta, k, self._residual, update_l2_norm_clip,
-          value_bits=value_bits)
-      self._residual.assign(residual)
-      assign_weights(self._public)
-      return {'indices': sparse.indices, 'values': sparse.values}
-
-    def apply_download(indices, values):
-      public = self._public + core.densify(core.SparseUpdate(indices, values,
-                                                             size))
-      self._public.assign(public)
-      assign_weights(public)
-      return {'num_applied': tf.size(indices)}
-
-    def get_weights():
-      return {'weights': core.flatten(params)}
-
-    def set_weights(weights):
-      self._public.assign(weights)
-      assign_weights(weights)
-      return {'size': tf.size(weights)}
-
-    def save():
-      return {'weights': core.flatten(params),
-              'public': self._public.read_value(),
-              'residual': self._residual.read_value()}
-
-    def restore(weights, public, residual):
-      assign_weights(weights)
-      self._public.assign(public)
-      self._residual.assign(residual)
-      return {'size': tf.size(weights)}
-
-    vector = tf.TensorSpec([size], tf.float32)
+  def _functions(self, x_shape):
+    """Each signature as a `tf.function` with its static input shapes."""
+    rows, vector = self._max_batch, tf.TensorSpec([self._size], tf.float32)
     specs = {
-        'train': [tf.TensorSpec([batch_size] + x_shape, tf.float32),
-                  tf.TensorSpec([batch_size], tf.int32)],
+        'accumulate': [tf.TensorSpec([rows] + x_shape, tf.float32),
+                       tf.TensorSpec([rows], tf.int32),
+                       tf.TensorSpec([rows], tf.bool)],
         'infer': [tf.TensorSpec([None] + x_shape, tf.float32)],
-        'get_update': [],
         'apply_download': [tf.TensorSpec([None], tf.int32),
                            tf.TensorSpec([None], tf.float32)],
-        'get_weights': [],
         'set_weights': [vector],
-        'save': [],
         'restore': [vector, vector, vector],
     }
-    fns = {'train': train, 'infer': infer, 'get_update': get_update,
-           'apply_download': apply_download, 'get_weights': get_weights,
-           'set_weights': set_weights, 'save': save, 'restore': restore}
-    self.functions = {
-        name: tf.function(fns[name], input_signature=specs[name])
-        for name in SIGNATURES}
+    return {name: tf.function(getattr(self, '_' + name),
+                              input_signature=specs.get(name, []))
+            for name in SIGNATURES}
+
+  def _seed_graph(self):
+    # The seed of the traced function's graph only; None leaves RNG seeds 0.
+    tf.compat.v1.get_default_graph().seed = self._seed
+
+  def _assign_weights(self, flat_weights):
+    for p, value in zip(self._params,
+                        core.unflatten(flat_weights, self._params)):
+      p.assign(value)
+
+  def _accumulate(self, x, y, mask):
+    self._seed_graph()  # dropout
+    rows = self._max_batch
+    with tf.GradientTape() as tape:
+      copies = [tf.tile(tf.expand_dims(p, 0), [rows] + [1] * p.shape.rank)
+                for p in self._params]
+      tape.watch(copies)
+      losses = per_example_loss(self._forward(copies, x, True), y,
+                                self._num_classes)
+      total = tf.reduce_sum(losses)
+    grads = tf.concat([tf.reshape(g, [rows, -1])
+                       for g in tape.gradient(total, copies)], axis=1)
+    clipped_sum, _ = core.clipped_sum(grads, self._clip, mask)
+    self._accumulator.assign_add(clipped_sum)
+    # Not private: for the device's own display.
+    return {'loss_sum': tf.reduce_sum(tf.where(mask, losses, 0.0))}
+
+  def _step(self):
+    self._seed_graph()  # noise
+    noised = core.add_gaussian_noise(self._accumulator.read_value(),
+                                     self._noise_multiplier * self._clip)
+    mean = noised / self._batch_size  # the expected batch size, q * n
+    for p, g in zip(self._params, core.unflatten(mean, self._params)):
+      p.assign_sub(self._learning_rate * g)
+    self._accumulator.assign(tf.zeros([self._size]))
+    return {'size': tf.size(mean)}
+
+  def _config(self):
+    return {'batch_size': tf.constant(self._batch_size, tf.int32),
+            'l2_norm_clip': tf.constant(self._clip, tf.float32),
+            'noise_multiplier': tf.constant(self._noise_multiplier,
+                                            tf.float32)}
+
+  def _infer(self, x):
+    return {'logits': self._forward(self._params, x, False)}
+
+  def _get_update(self):
+    delta = core.flatten(self._params) - self._public
+    sparse, residual, _ = core.clipped_topk_with_error_feedback(
+        delta, self._k, self._residual, self._update_clip,
+        value_bits=self._value_bits)
+    self._residual.assign(residual)
+    self._assign_weights(self._public)
+    return {'indices': sparse.indices, 'values': sparse.values}
+
+  def _apply_download(self, indices, values):
+    public = self._public + core.densify(
+        core.SparseUpdate(indices, values, self._size))
+    self._public.assign(public)
+    self._assign_weights(public)
+    return {'num_applied': tf.size(indices)}
+
+  def _get_weights(self):
+    return {'weights': core.flatten(self._params)}
+
+  def _set_weights(self, weights):
+    self._public.assign(weights)
+    self._assign_weights(weights)
+    return {'size': tf.size(weights)}
+
+  def _save(self):
+    return {'weights': core.flatten(self._params),
+            'public': self._public.read_value(),
+            'residual': self._residual.read_value()}
+
+  def _restore(self, weights, public, residual):
+    self._assign_weights(weights)
+    self._public.assign(public)
+    self._residual.assign(residual)
+    return {'size': tf.size(weights)}
 
 
 def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
-             density, learning_rate, num_classes, update_l2_norm_clip=None,
-             value_bits=32, seed=None):
+             density, learning_rate, num_classes, max_batch=None,
+             update_l2_norm_clip=None, value_bits=32, seed=None):
   """Validates `export_client`'s arguments; returns them as keywords."""
-  if int(batch_size) != batch_size or batch_size < 1:
-    raise ValueError(
-        f'batch_size must be a positive integer, got {batch_size}.')
+  max_batch = batch_size if max_batch is None else max_batch
+  for name, value in (('batch_size', batch_size), ('max_batch', max_batch)):
+    if int(value) != value or value < 1:
+      raise ValueError(f'{name} must be a positive integer, got {value}.')
   if not l2_norm_clip > 0:
     raise ValueError(f'l2_norm_clip must be > 0, got {l2_norm_clip}.')
   if not noise_multiplier >= 0:
@@ -183,11 +229,11 @@ def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
   if not isinstance(outputs, tuple) or outputs[1:] != (num_classes,):
     raise ValueError(f'the model outputs shape {outputs}; expected '
                      f'(None, {num_classes}) for num_classes={num_classes}.')
-  return dict(batch_size=int(batch_size), l2_norm_clip=l2_norm_clip,
-              noise_multiplier=noise_multiplier, density=density,
-              learning_rate=learning_rate, num_classes=num_classes,
-              update_l2_norm_clip=update_l2_norm_clip, value_bits=value_bits,
-              seed=seed)
+  return dict(batch_size=int(batch_size), max_batch=int(max_batch),
+              l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+              density=density, learning_rate=learning_rate,
+              num_classes=num_classes, update_l2_norm_clip=update_l2_norm_clip,
+              value_bits=value_bits, seed=seed)
 
 
 def client_module(keras_model: tf.keras.Model, **kwargs) -> tf.Module:
@@ -204,6 +250,7 @@ def client_module(keras_model: tf.keras.Model, **kwargs) -> tf.Module:
 def export_client(keras_model: tf.keras.Model, *, batch_size: int,
                   l2_norm_clip: float, noise_multiplier: float, density: float,
                   learning_rate: float, num_classes: int,
+                  max_batch: Optional[int] = None,
                   update_l2_norm_clip: Optional[float] = None,
                   value_bits: int = 32,
                   seed: Optional[int] = None) -> bytes:
@@ -215,12 +262,18 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
       a final softmax). Its current weights are the client's initial weights
       and must equal the server's (`tds.server.PayloadRound`). The model
       itself is not modified.
-    batch_size: the fixed number of examples of every `train` call.
+    batch_size: the expected batch size q * n of a Poisson-sampled step (a
+      device with n examples samples each with q = batch_size / n), and the
+      denominator of every step; a fixed-size `LiteClient.train` batch has
+      exactly this many examples.
     l2_norm_clip, noise_multiplier: DP-SGD's per-example clip C and noise
       std / C (0 turns noise off, e.g. for client-level DP or tests).
     density: fraction of parameters uploaded by `get_update` (k is fixed).
-    learning_rate: the SGD step size of `train`.
+    learning_rate: the SGD step size of `step`.
     num_classes: labels are int32 in [0, num_classes).
+    max_batch: the static number of rows of `accumulate` (default
+      `batch_size`). A sample larger than it takes more calls: it trades
+      padding against calls, never changes a step or its privacy.
     update_l2_norm_clip: clip the uploaded vector to this L2 norm
       (client-level DP; the server adds the noise). None: no clip.
     value_bits: 32, or 8 to round uploaded values on the device to the
@@ -234,9 +287,9 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
   option it cannot train, before converting anything.
   """
   module = client_module(
-      keras_model, batch_size=batch_size, l2_norm_clip=l2_norm_clip,
-      noise_multiplier=noise_multiplier, density=density,
-      learning_rate=learning_rate, num_classes=num_classes,
+      keras_model, batch_size=batch_size, max_batch=max_batch,
+      l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+      density=density, learning_rate=learning_rate, num_classes=num_classes,
       update_l2_norm_clip=update_l2_norm_clip, value_bits=value_bits,
       seed=seed)
   with tempfile.TemporaryDirectory() as saved_model_dir:
