@@ -329,3 +329,13 @@ def test_gaussian_average_denominator_and_row_mask():
   average, _ = tds.core.gaussian_average(rows, 1.0, 0.0, denominator=4,
                                          row_mask=mask)
   np.testing.assert_allclose(average, [(0.6 + 1.0) / 4, 0.8 / 4], rtol=1e-6)
+
+
+def test_default_max_batch_overflows_one_step_in_twenty():
+  rng = np.random.default_rng(0)
+  for b in (4, 16, 64):
+    chunk = tds.core.default_max_batch(b)
+    counts = rng.poisson(b, 100_000)  # batch sizes, ~Binomial(n, b / n)
+    overflow = np.mean(counts > chunk)
+    assert b < chunk and overflow <= 0.05 + 0.005  # 0.005: 7 sd of the mean
+    assert np.mean(counts > chunk - 1) > 0.05 - 0.005  # the smallest such

@@ -401,17 +401,6 @@ def test_devices_below_min_client_examples_are_refused(clients):
   assert process.ledger.epsilon == 0.0 and not process.ledger.entries
 
 
-def test_default_max_batch_size_overflows_one_step_in_twenty():
-  from tf_dpsparse.federated import learning
-  rng = np.random.default_rng(0)
-  for b in (4, 16, 64):
-    chunk = learning.default_max_batch_size(b)
-    counts = rng.poisson(b, 100_000)  # batch sizes, ~Binomial(n, b / n)
-    overflow = np.mean(counts > chunk)
-    assert b < chunk and overflow <= 0.05 + 0.005  # 0.005: 7 sd of the mean
-    assert np.mean(counts > chunk - 1) > 0.05 - 0.005  # the smallest such
-
-
 def test_epsilon_client_level(clients):
   process = _build('client', density=0.1, l2_norm_clip=0.5,
                    noise_multiplier=1.1, clients_per_round=4,

@@ -326,7 +326,8 @@ def test_builtins_only_and_runs_under_ai_edge_litert(conv1d_bytes):
   assert type(client._interpreter).__module__ == 'ai_edge_litert.interpreter'
   assert set(client._interpreter.get_signature_list()) == set(
       tds.lite.SIGNATURES)
-  assert (client.batch_size, client.max_batch) == (BATCH, BATCH)
+  assert (client.batch_size, client.max_batch) == (
+      BATCH, tds.core.default_max_batch(BATCH))
   assert (client.l2_norm_clip, client.noise_multiplier) == (CLIP, 0.0)
   x, y = batches(conv1d_model(), 1)[0]
   assert np.isfinite(client.train(x, y))

@@ -8,6 +8,7 @@ from tf_dpsparse.core.transforms import clip_by_l2_norm
 from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
 from tf_dpsparse.core.transforms import clipped_sum
 from tf_dpsparse.core.transforms import clipped_topk_with_error_feedback
+from tf_dpsparse.core.transforms import default_max_batch
 from tf_dpsparse.core.transforms import densify
 from tf_dpsparse.core.transforms import flatten
 from tf_dpsparse.core.transforms import fold_in_seed
@@ -25,7 +26,8 @@ from tf_dpsparse.core.transforms import unflatten
 __all__ = [
     'SparseUpdate', 'VALUE_BITS', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
-    'codec', 'densify', 'flatten', 'fold_in_seed', 'gaussian_average',
+    'codec', 'default_max_batch', 'densify', 'flatten', 'fold_in_seed',
+    'gaussian_average',
     'int8_block', 'k_for_density', 'padded_chunks', 'poisson_gaussian_average',
     'poisson_sample', 'sparse_sync',
     'to_wire_precision', 'topk_with_error_feedback', 'unflatten'

@@ -34,7 +34,6 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-from scipy import stats
 
 from tf_dpsparse import _workers
 from tf_dpsparse import core
@@ -101,18 +100,6 @@ def _all_examples(data):
   its (small: hundreds of sensor windows) dataset in memory.
   """
   return _split_batch(data.unbatch().batch(2**31 - 1).get_single_element())
-
-
-def default_max_batch_size(batch_size: int) -> int:
-  """Rows per padded chunk of a Poisson batch: a second chunk 1 step in 20.
-
-  A Poisson batch of expected size b holds about Poisson(b) examples. Each
-  chunk costs a vectorized pass of its rows plus a fixed overhead, so the
-  chunk is the 95 % quantile of Poisson(b) (23 at b = 16): padding stays
-  moderate and a larger sample, 1 step in 20, takes one more chunk. It
-  never affects privacy.
-  """
-  return int(stats.poisson.ppf(0.95, batch_size))
 
 
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
@@ -594,7 +581,7 @@ def build_dp_sparse_fed_avg(
       min_client_examples, the largest any device uses, and `next` refuses
       a device holding fewer, before any work.
     max_batch_size: example mode: rows per padded chunk of a Poisson batch
-      (`default_max_batch_size(batch_size)` when None). A larger sample
+      (`tds.core.default_max_batch(batch_size)` when None). A larger sample
       takes more chunks; this changes cost only, never privacy.
     per_example_loss_fn: (y_true, y_pred) -> per-example losses, for example
       mode; default sparse categorical cross-entropy on logits.
@@ -657,7 +644,7 @@ def build_dp_sparse_fed_avg(
             f'min_client_examples={min_client_examples} is below batch_size='
             f'{batch_size}: the sampling rate batch_size / n must be <= 1.')
       if max_batch_size is None:
-        max_batch_size = default_max_batch_size(batch_size)
+        max_batch_size = core.default_max_batch(batch_size)
       elif max_batch_size < 1:
         raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}.')
       rate, steps_per_round = batch_size / min_client_examples, local_steps

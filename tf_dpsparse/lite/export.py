@@ -208,7 +208,8 @@ def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
              density, learning_rate, num_classes, max_batch=None,
              update_l2_norm_clip=None, value_bits=32, seed=None):
   """Validates `export_client`'s arguments; returns them as keywords."""
-  max_batch = batch_size if max_batch is None else max_batch
+  if max_batch is None:
+    max_batch = core.default_max_batch(batch_size)
   for name, value in (('batch_size', batch_size), ('max_batch', max_batch)):
     if int(value) != value or value < 1:
       raise ValueError(f'{name} must be a positive integer, got {value}.')
@@ -272,7 +273,7 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
     learning_rate: the SGD step size of `step`.
     num_classes: labels are int32 in [0, num_classes).
     max_batch: the static number of rows of `accumulate` (default
-      `batch_size`). A sample larger than it takes more calls: it trades
+      `tds.core.default_max_batch(batch_size)`). A sample larger than it takes more calls: it trades
       padding against calls, never changes a step or its privacy.
     update_l2_norm_clip: clip the uploaded vector to this L2 norm
       (client-level DP; the server adds the noise). None: no clip.
