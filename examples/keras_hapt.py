@@ -4,9 +4,13 @@ A small Conv1D learns the six UCI HAPT activities (30 people's phone
 accelerometer and gyroscope, 2.56 s windows) centrally with
 `tds.keras.DPSparseOptimizer`: per-example clipping and Gaussian noise
 (example-level DP), then only the top 1 % of the noised update, with error
-feedback, is applied: exactly what a device would upload. `PrivacyCallback`
-adds ε to every epoch's logs and would stop training at the budget. Prints
-the test accuracy, ε at δ, and the bytes of an update against a dense one.
+feedback, is applied: exactly what a device would upload. Batches are
+Poisson-sampled (`tds.keras.poisson_batches`: each window joins each step
+with probability q = 64 / n), the sampling the amplified ε assumes, and the
+optimizer divides by the expected batch size. `PrivacyCallback` adds that ε
+to every epoch's logs and would stop training at the budget. Prints the test
+accuracy, ε at δ (and what the same steps would cost on shuffled fixed-size
+batches), and the bytes of an update against a dense one.
 
 Run: `python examples/keras_hapt.py` (about 40 s per epoch on 2 cores).
 """
@@ -40,7 +44,8 @@ def main():
       tf.keras.optimizers.SGD(LEARNING_RATE),
       l2_norm_clip=L2_NORM_CLIP,
       noise_multiplier=NOISE_MULTIPLIER,
-      density=DENSITY)
+      density=DENSITY,
+      expected_batch_size=BATCH_SIZE)  # q * n, never the realized size
   model.compile(
       optimizer=optimizer,
       # One loss per example: the optimizer clips each example's gradient.
@@ -49,9 +54,10 @@ def main():
       metrics=['accuracy'])
   privacy = tds.keras.PrivacyCallback(
       DELTA, dataset_size=len(x), batch_size=BATCH_SIZE,
-      epsilon_budget=EPSILON_BUDGET)
-  model.fit(x, y, batch_size=BATCH_SIZE, epochs=args.epochs,
-            callbacks=[privacy], verbose=2)
+      epsilon_budget=EPSILON_BUDGET, sampling='poisson')
+  model.fit(tds.keras.poisson_batches(x, y, BATCH_SIZE), epochs=args.epochs,
+            steps_per_epoch=len(x) // BATCH_SIZE, callbacks=[privacy],
+            verbose=2)
 
   _, accuracy = model.evaluate(x_test, y_test, verbose=0)
   steps = int(optimizer.iterations)
@@ -60,9 +66,11 @@ def main():
   print(f'\n{len(x):,} training windows, {len(x_test):,} test windows '
         f'(held-out runs of the same 30 users)')
   print(f'test accuracy: {accuracy:.3f}')
+  shuffled = tds.privacy.compute_epsilon_shuffled(
+      NOISE_MULTIPLIER, len(x), BATCH_SIZE, steps, DELTA)
   print(f'privacy: ε = {privacy.epsilon:.2f} at δ = {DELTA:g} after {steps} '
-        f'steps (σ = {NOISE_MULTIPLIER}, q = {BATCH_SIZE}/{len(x)}, RDP, '
-        f'Poisson-sampling approximation)')
+        f'steps (σ = {NOISE_MULTIPLIER}, RDP, {privacy.assumption}); the '
+        f'same steps on shuffled fixed-size batches: ε = {shuffled:.2f}')
   print(f'update: k = {optimizer.k:,} of {optimizer.size:,} parameters, '
         f'{wire:,.0f} bytes on the wire vs {dense:,} dense '
         f'({100 * wire / dense:.2f} %)')

@@ -1,8 +1,10 @@
 """Keras front: DP-SGD equivalences, error feedback, noise, checkpoints, ε."""
 
+import dp_accounting
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib
 from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 import tf_dpsparse as tds
@@ -123,38 +125,76 @@ def test_error_feedback_conserves_noised_gradients_and_counts_bytes():
   assert int(optimizer.iterations) == 8 and int(optimizer.examples) == 32
 
 
-@pytest.mark.parametrize('fmt', ['checkpoint', 'keras'])
-def test_residual_and_state_restore_with_the_model(tmp_path, fmt):
-  x, y = _data(n=32)
+def _save(model, fmt, directory) -> str:
+  """Saves `model` in `fmt`: weights (with the optimizer) or the whole model."""
+  if fmt in ('checkpoint', 'weights.h5'):  # save_weights / ModelCheckpoint
+    path = str(directory / ('ckpt' if fmt == 'checkpoint' else 'w.weights.h5'))
+    model.save_weights(path)
+  else:
+    path = str(directory / f'model.{fmt}')
+    model.save(path)
+  return path
+
+
+def _load(path, fmt, compiled):
+  if fmt in ('checkpoint', 'weights.h5'):
+    model = compiled()
+    model.load_weights(path)  # into an optimizer that is not built yet
+    return model
+  return tf.keras.models.load_model(path)
+
+
+@pytest.mark.parametrize('inner', ['sgd_momentum', 'legacy_adam'])
+@pytest.mark.parametrize('fmt', ['checkpoint', 'weights.h5', 'keras', 'h5'])
+def test_every_save_format_keeps_the_dp_state(tmp_path, fmt, inner):
+  x, y = _data(n=40)
 
   def compiled():
     model = _model()
-    model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.1, momentum=0.9),
-                                density=0.1), loss=_loss())
+    model.compile(optimizer=_dp(OPTIMIZERS[inner](), density=0.1,
+                                noise_multiplier=1.0), loss=_loss())
     return model
 
   original = compiled()
-  original.fit(x[:24], y[:24], batch_size=8, epochs=1, verbose=0)
-  if fmt == 'checkpoint':  # TF format: save_weights / ModelCheckpoint
-    path = str(tmp_path / 'ckpt')
-    original.save_weights(path)
+  original.fit(x[:24], y[:24], batch_size=8, epochs=1, verbose=0)  # 3 steps
+  path = _save(original, fmt, tmp_path)
+  if fmt == 'checkpoint':
     names = [n for n, _ in tf.train.list_variables(path)]
     assert not [n for n in names if '_generator' in n]  # noise never replays
-    restored = compiled()
-    restored.load_weights(path)
-  else:  # the whole model, compiled optimizer included
-    path = str(tmp_path / 'model.keras')
-    original.save(path)
-    restored = tf.keras.models.load_model(path)
-  for model in (original, restored):  # noise 0: the next step is determined
-    model.train_on_batch(x[24:], y[24:])
-  a, b = original.optimizer, restored.optimizer
-  assert np.abs(a.residual.numpy()).max() > 0
-  np.testing.assert_array_equal(a.residual.numpy(), b.residual.numpy())
+
+  restored = _load(path, fmt, compiled)
+  restored.optimizer.build(restored.trainable_variables)  # no-op if built
+  saved, got = original.optimizer.variables, restored.optimizer.variables
+  assert len(got) == len(saved) > 5  # steps, examples, bytes, residual, inner
+  for a, b in zip(saved, got):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+  assert np.abs(restored.optimizer.residual.numpy()).max() > 0
   np.testing.assert_array_equal(_weights(original), _weights(restored))
-  for counter in ('iterations', 'examples', 'wire_bytes'):
-    assert int(getattr(a, counter)) == int(getattr(b, counter))
-  assert int(b.iterations) == 4
+
+  resumed, seen = _load(path, fmt, compiled), []
+  counts = tf.keras.callbacks.LambdaCallback(
+      on_train_begin=lambda _: seen.append(int(resumed.optimizer.iterations)))
+  callback = tds.keras.PrivacyCallback(1e-5, dataset_size=40, batch_size=8)
+  resumed.fit(x[24:], y[24:], batch_size=8, verbose=0,
+              callbacks=[callback, counts])
+  assert seen == [3]  # the callback's budget sees the restored steps
+  optimizer = resumed.optimizer
+  assert (int(optimizer.iterations), int(optimizer.examples)) == (5, 40)
+  assert int(optimizer.inner_optimizer.iterations) == 5
+  assert callback.epsilon == callback.epsilon_at(5, 40)
+
+
+def test_savedmodel_refuses_to_save_the_optimizer(tmp_path):
+  x, y = _data()
+  model = _model()
+  model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.1)), loss=_loss())
+  model.fit(x, y, batch_size=8, verbose=0)
+  with pytest.raises(ValueError, match='SavedModel format.*privacy spent'):
+    model.save(str(tmp_path / 'savedmodel'))
+  model.save(str(tmp_path / 'inference'), include_optimizer=False)
+  restored = tf.keras.models.load_model(str(tmp_path / 'inference'))
+  assert restored.optimizer is None  # not compiled: no DP state to lose
+  np.testing.assert_array_equal(_weights(model), _weights(restored))
 
 
 class _ZeroLoss(tf.keras.losses.Loss):
@@ -198,39 +238,167 @@ def test_noise_seed_reproduces_and_default_draws_os_entropy():
                          _noise_deltas(None, steps=2))
 
 
-def test_callback_epsilon_matches_accountant_and_budget_stops():
-  x, y = _data(n=64)
-  noise, delta = 1.0, 1e-5
+def _dense_model(features=4, classes=2):
+  """A tiny model for schedules of many steps (accounting tests)."""
+  init = tf.keras.initializers.GlorotUniform(seed=3)
+  return tf.keras.Sequential([
+      tf.keras.layers.Dense(classes, input_shape=(features,),
+                            kernel_initializer=init)
+  ])
 
-  def fit(model, budget, epochs):
-    callback = tds.keras.PrivacyCallback(delta, dataset_size=64, batch_size=16,
-                                         epsilon_budget=budget)
-    return model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
-                     callbacks=[callback]).history
 
-  def compiled():
-    model = _model()
+def _fit_private(sampling, n, batch, epochs, noise, *, budget=None,
+                 num_microbatches=None, model=None):
+  """`model.fit` on n examples with a PrivacyCallback: Poisson or shuffled."""
+  x, y = _data(n=n, shape=(4,), classes=2)
+  if model is None:
+    model = _dense_model()
+    expected = batch if sampling == 'poisson' else None
     model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.1),
-                                noise_multiplier=noise, density=0.1),
-                  loss=_loss(), metrics=['accuracy'])
-    return model
+                                noise_multiplier=noise, density=0.5,
+                                num_microbatches=num_microbatches,
+                                expected_batch_size=expected),
+                  loss=_loss())
+  callback = tds.keras.PrivacyCallback(1e-5, dataset_size=n, batch_size=batch,
+                                       epsilon_budget=budget,
+                                       sampling=sampling)
+  if sampling == 'poisson':
+    data = dict(x=tds.keras.poisson_batches(x, y, batch, seed=0),
+                steps_per_epoch=n // batch)
+  else:
+    data = dict(x=x, y=y, batch_size=batch)
+  history = model.fit(**data, epochs=epochs, verbose=0, callbacks=[callback])
+  return model, callback, history.history
 
-  history = fit(compiled(), None, epochs=3)
-  assert history['epsilon'] == [
-      tds.privacy.compute_epsilon(noise, 0.25, 4 * e, delta) for e in (1, 2, 3)
-  ]
 
-  budget = tds.privacy.compute_epsilon(noise, 0.25, 6, delta)
-  assert tds.privacy.compute_epsilon(noise, 0.25, 7, delta) > budget
-  model = compiled()
-  history = fit(model, budget, epochs=5)
-  assert int(model.optimizer.iterations) == 6  # stopped mid-epoch 2
+def _tf_privacy_statement(sampling, used_microbatching):
+  """TF Privacy's two lines for n=640, batch 64, 3 epochs, z=1.1, δ=1e-5."""
+  lib = compute_dp_sgd_privacy_lib
+  statement = lib.compute_dp_sgd_privacy_statement(
+      640, 64, 3, 1.1, 1e-5, used_microbatching=used_microbatching)
+  once_per_epoch, poisson = [
+      float(line.split()[-1]) for line in statement.splitlines()
+      if line.strip().startswith('Epsilon')]
+  exact = lib._compute_dp_sgd_example_privacy(  # the unrounded number
+      3, 1.1, 1e-5, used_microbatching,
+      poisson_subsampling_probability=(0.1 if sampling == 'poisson' else None))
+  return (poisson if sampling == 'poisson' else once_per_epoch), exact
+
+
+@pytest.mark.parametrize('sampling,num_microbatches', [
+    ('shuffled', None), ('poisson', None), ('shuffled', 32)])
+def test_epsilon_matches_tf_privacy_statement(sampling, num_microbatches):
+  printed, exact = _tf_privacy_statement(sampling, num_microbatches is not None)
+  model, callback, history = _fit_private(
+      sampling, n=640, batch=64, epochs=3, noise=1.1,
+      num_microbatches=num_microbatches)
+  assert int(model.optimizer.iterations) == 30
+  assert history['epsilon'][-1] == pytest.approx(exact, rel=1e-9)
+  assert round(callback.epsilon, 3) == printed  # 8.039 / 4.025 / 18.950
+
+
+def _direct_epsilon(sampling, noise, count, delta=1e-5):
+  """ε straight from dp_accounting: `count` steps at q=0.25, or passes."""
+  event = dp_accounting.GaussianDpEvent(noise)
+  if sampling == 'poisson':
+    event = dp_accounting.PoissonSampledDpEvent(0.25, event)
+  return dp_accounting.rdp.RdpAccountant().compose(
+      dp_accounting.SelfComposedDpEvent(event, count)).get_epsilon(delta)
+
+
+@pytest.mark.parametrize('sampling', ['shuffled', 'poisson'])
+def test_budget_stop_uses_the_reported_accounting(sampling):
+  # 64 examples in batches of 16: 4 steps per epoch, q = 0.25.
+  noise = 1.0
+  charged = {'shuffled': lambda steps: -(-steps // 4),  # passes
+             'poisson': lambda steps: steps}[sampling]
+  _, _, history = _fit_private(sampling, 64, 16, epochs=2, noise=noise)
   assert history['epsilon'] == [
-      tds.privacy.compute_epsilon(noise, 0.25, s, delta) for s in (4, 6)
-  ]
+      pytest.approx(_direct_epsilon(sampling, noise, charged(s)), rel=1e-9)
+      for s in (4, 8)]
+
+  stop = {'shuffled': 8, 'poisson': 6}[sampling]  # mid-epoch for Poisson
+  budget = _direct_epsilon(sampling, noise, charged(stop)) * (1 + 1e-9)
+  assert _direct_epsilon(sampling, noise, charged(stop + 1)) > budget
+  model, callback, history = _fit_private(sampling, 64, 16, epochs=5,
+                                          noise=noise, budget=budget)
+  assert int(model.optimizer.iterations) == stop
+  assert callback.epsilon <= budget
+  assert history['epsilon'][-1] == pytest.approx(
+      _direct_epsilon(sampling, noise, charged(stop)), rel=1e-9)
   with pytest.raises(tds.privacy.BudgetExhaustedError):
-    fit(model, budget, epochs=1)  # not even one more step fits
-  assert int(model.optimizer.iterations) == 6
+    _fit_private(sampling, 64, 16, epochs=1, noise=noise, budget=budget,
+                 model=model)  # not even one more step fits
+  assert int(model.optimizer.iterations) == stop
+
+
+def _inclusions(dataset, n):
+  """[steps, n] 0/1 matrix: which examples (labels = indices) each step used."""
+  rows = []
+  for _, labels, weights in dataset:
+    row = np.zeros(n)
+    row[labels.numpy()[weights.numpy() > 0]] = 1
+    rows.append(row)
+  return np.array(rows)
+
+
+def test_poisson_batches_sample_each_example_bernoulli_q():
+  n, q, steps = 50, 0.2, 2000
+  x = np.arange(n, dtype=np.float32)[:, None]
+  y = np.arange(n)
+  taken = _inclusions(
+      tds.keras.poisson_batches(x, y, int(q * n), steps=steps, seed=0), n)
+  assert taken.shape == (steps, n)
+  # Each example: Binomial(2000, 0.2), mean 400, sd 17.9; 5 sd = 89.
+  per_example = taken.sum(axis=0)
+  sd = np.sqrt(steps * q * (1 - q))
+  assert np.abs(per_example - steps * q).max() < 5 * sd
+  # Independent joins: batch sizes vary as Binomial(50, 0.2), variance 8
+  # (fixed-size batches would have variance 0); the sample variance of
+  # 2000 draws is within 20 % (6 sd) of it.
+  assert np.var(taken.sum(axis=1)) == pytest.approx(n * q * (1 - q), rel=0.2)
+  # No memory between steps or examples: correlations near 0 (sd ~0.005).
+  after = np.corrcoef(taken[:-1].ravel(), taken[1:].ravel())[0, 1]
+  beside = np.corrcoef(taken[:, :-1].ravel(), taken[:, 1:].ravel())[0, 1]
+  assert abs(after) < 0.03 and abs(beside) < 0.03
+
+
+def test_poisson_batches_empty_draws_still_step_and_epochs_redraw():
+  n, steps = 20, 1000
+  x, y = np.ones((n, 3), np.float32), np.arange(n)
+  dataset = tds.keras.poisson_batches(x, y, 1, steps=steps, seed=1)
+  first, second = (_inclusions(dataset.take(50), n) for _ in range(2))
+  assert not np.array_equal(first, second)  # a new epoch draws anew
+  again = tds.keras.poisson_batches(x, y, 1, steps=steps, seed=1)
+  np.testing.assert_array_equal(_inclusions(again.take(50), n), first)
+  sizes, empty = [], 0
+  for x_batch, labels, weights in dataset:
+    sizes.append(int(tf.size(labels)))
+    if not weights.numpy().any():  # an empty draw: one example at weight 0
+      assert x_batch.shape == (1, 3)
+      empty += 1
+  assert len(sizes) == steps  # every step is there for the accountant
+  expected = steps * 0.95**n  # 358.5, sd 15.2
+  assert abs(empty - expected) < 5 * np.sqrt(expected * (1 - 0.95**n))
+
+
+def test_expected_batch_size_divides_the_noised_sum():
+  x, y = _data(n=5)
+  weights = np.array([1, 1, 1, 0, 1], np.float32)  # one padding example
+  model = _model()
+  model.compile(optimizer=_dp(tf.keras.optimizers.SGD(1.0), l2_norm_clip=1e6,
+                              expected_batch_size=8), loss=_loss())
+  loss_fn = _loss('sum')
+  total = np.zeros_like(_weights(model))
+  for i in np.flatnonzero(weights):  # the per-example gradients, by hand
+    with tf.GradientTape() as tape:
+      loss = loss_fn(y[i:i + 1], model(x[i:i + 1]))
+    total += tds.core.flatten(
+        tape.gradient(loss, model.trainable_variables)).numpy()
+  start = _weights(model)
+  model.train_on_batch(x, y, sample_weight=weights)
+  np.testing.assert_allclose(start - _weights(model), total / 8, atol=1e-6)
+  assert np.abs(total / 4 - total / 8).max() > 1e-3  # not the row count
 
 
 def test_callback_rejects_batches_larger_than_declared():
@@ -270,11 +438,25 @@ def test_clear_errors():
   x, y = _data()
   sgd = tf.keras.optimizers.SGD(0.1)
   for bad in (dict(density=0.0), dict(density=1.5), dict(l2_norm_clip=-1.0),
-              dict(noise_multiplier=-0.1), dict(num_microbatches=0)):
+              dict(noise_multiplier=-0.1), dict(num_microbatches=0),
+              dict(expected_batch_size=0)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       _dp(sgd, **bad)
   with pytest.raises(TypeError, match='optimizer'):
     _dp('sgd')
+  with pytest.raises(ValueError, match='num_microbatches'):
+    _dp(sgd, expected_batch_size=8, num_microbatches=4)
+  with pytest.raises(ValueError, match='sampling'):
+    tds.keras.PrivacyCallback(1e-5, 16, 8, sampling='uniform')
+  with pytest.raises(ValueError, match='batch_size <= len'):
+    tds.keras.poisson_batches(x, y, 17)
+
+  model = _model()
+  model.compile(optimizer=_dp(sgd), loss=_loss())  # divides by the row count
+  with pytest.raises(ValueError, match='expected_batch_size'):
+    model.fit(tds.keras.poisson_batches(x, y, 8), steps_per_epoch=2,
+              verbose=0, callbacks=[tds.keras.PrivacyCallback(
+                  1e-5, 16, 8, sampling='poisson')])
 
   model = _model()
   model.compile(optimizer=_dp(sgd), loss=_loss('auto'))
@@ -305,6 +487,9 @@ def test_config_round_trip_and_learning_rate_delegation():
                   noise_multiplier=1.2, density=0.03, num_microbatches=4,
                   seed=9)
   config = optimizer.get_config()
+  poisson = _dp(tf.keras.optimizers.SGD(0.1), expected_batch_size=64)
+  assert tds.keras.DPSparseOptimizer.from_config(
+      poisson.get_config()).expected_batch_size == 64
   assert 'seed' not in config  # a re-created optimizer draws fresh noise
   clone = tds.keras.DPSparseOptimizer.from_config(config)
   assert (clone.get_config()['optimizer']['config'] ==
@@ -314,3 +499,58 @@ def test_config_round_trip_and_learning_rate_delegation():
   assert isinstance(clone.inner_optimizer, tf.keras.optimizers.legacy.Adam)
   clone.learning_rate = 0.05
   assert float(clone.inner_optimizer.learning_rate) == pytest.approx(0.05)
+
+
+def _normalization(**kwargs):
+  layer = tf.keras.layers.Normalization(**kwargs)
+  if not kwargs:
+    layer.adapt(_data(shape=(8, 2))[0])  # statistics of the raw data
+  return layer
+
+
+def _frozen(layer):
+  layer.trainable = False
+  return layer
+
+
+REFUSED = {
+    'batch_norm': (tf.keras.layers.BatchNormalization, 'moving mean'),
+    'adapted_normalization': (_normalization, 'Normalization.adapt'),
+    'stateful_rnn': (lambda: tf.keras.layers.SimpleRNN(
+        4, stateful=True, return_sequences=True), 'stateful'),
+}
+ACCEPTED = {
+    'frozen_batch_norm': lambda: _frozen(tf.keras.layers.BatchNormalization()),
+    'constant_normalization': lambda: _normalization(mean=0.0, variance=1.0),
+    'layer_norm': tf.keras.layers.LayerNormalization,
+}
+
+
+def _model_with(layer):  # batch size 8: a stateful RNN needs a static one
+  return tf.keras.Sequential([
+      tf.keras.Input((8, 2), batch_size=8), layer, tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize('name', sorted(REFUSED))
+def test_layers_that_learn_outside_the_gradient_are_refused(name):
+  make, reason = REFUSED[name]
+  x, y = _data()
+  model = _model_with(make())
+  model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.1)), loss=_loss())
+  start = [w.copy() for w in model.get_weights()]
+  with pytest.raises(ValueError, match=f'cannot train this model.*{reason}'):
+    model.fit(x, y, batch_size=8, verbose=0)  # no callback: the optimizer
+  assert int(model.optimizer.iterations) == 0
+  for before, after in zip(start, model.get_weights()):
+    np.testing.assert_array_equal(before, after)  # not even BN's statistics
+
+
+@pytest.mark.parametrize('name', sorted(ACCEPTED))
+def test_stateless_or_frozen_layers_train(name):
+  x, y = _data()
+  model = _model_with(ACCEPTED[name]())
+  model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.1)), loss=_loss())
+  tds.keras.check_model(model)
+  model.fit(x, y, batch_size=8, verbose=0)
+  assert int(model.optimizer.iterations) == 2

@@ -1,12 +1,18 @@
 """Keras front: a DP-SGD optimizer whose update is a top-k sparse slice.
 
 `DPSparseOptimizer` wraps any `tf.keras` optimizer for `model.compile` /
-`model.fit`; `PrivacyCallback` reports ε per epoch and stops training at a
-budget. Both call `tf_dpsparse.core`, `tf_dpsparse.codec` and
-`tf_dpsparse.privacy`; nothing here re-implements clipping, noise or top-k.
+`model.fit`; `poisson_batches` feeds `fit` the Poisson-sampled batches that
+the amplified ε assumes; `PrivacyCallback` reports ε per epoch (Poisson or
+shuffled-batch accounting, matching the data) and stops training at a
+budget; `check_model` refuses layers that learn outside the noised gradient.
+All call `tf_dpsparse.core`, `tf_dpsparse.codec` and `tf_dpsparse.privacy`;
+nothing here re-implements clipping, noise, sampling or top-k.
 """
 
 from tf_dpsparse.keras.callbacks import PrivacyCallback
+from tf_dpsparse.keras.model_check import check_model
 from tf_dpsparse.keras.optimizer import DPSparseOptimizer
+from tf_dpsparse.keras.sampling import poisson_batches
 
-__all__ = ['DPSparseOptimizer', 'PrivacyCallback']
+__all__ = ['DPSparseOptimizer', 'PrivacyCallback', 'check_model',
+           'poisson_batches']

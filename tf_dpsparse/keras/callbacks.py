@@ -2,30 +2,59 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import tensorflow as tf
 
 from tf_dpsparse import privacy
+from tf_dpsparse.keras import model_check
 from tf_dpsparse.keras.optimizer import DPSparseOptimizer
+
+SAMPLINGS = ('shuffled', 'poisson')
 
 
 class PrivacyCallback(tf.keras.callbacks.Callback):
   """Logs ε after each epoch and stops training before it exceeds a budget.
 
-  ε is `tds.privacy.compute_epsilon(noise_multiplier, batch_size /
-  dataset_size, steps, delta)` where `steps` is the model's
-  `DPSparseOptimizer.iterations` (every step it ever took, across `fit` calls
-  and checkpoint restores). It goes into the epoch logs as 'epsilon', hence
-  into `History`. The accountant assumes Poisson sampling at rate
-  batch_size / dataset_size; `model.fit` shuffles and cuts fixed-size batches
-  instead, the standard approximation that TF Privacy makes too.
+  ε is that of the mechanism the data feeds the optimizer, told by
+  `sampling`:
+
+  - 'shuffled' (default; `model.fit(x, y, batch_size)` or a
+    `shuffle(n).batch(b)` pipeline without `drop_remainder`): each pass over
+    the data puts every example in exactly one fixed-size batch, so no
+    amplification by sampling is claimed. ε is that of one Gaussian release
+    per pass, for ⌈examples seen / dataset_size⌉ passes
+    (`tds.privacy.shuffled_batches_event`, TF Privacy's "each example
+    occurring once per epoch"); with `num_microbatches` and more than one
+    example per microbatch the sensitivity doubles (`used_microbatching`).
+    Counting passes by examples seen keeps a partial last batch from being
+    charged as an extra epoch.
+  - 'poisson' (`tds.keras.poisson_batches`): every step is a Poisson sample
+    at q = batch_size / dataset_size, and ε is the amplified
+    `tds.privacy.compute_epsilon(noise_multiplier, q, steps, delta)`. The
+    optimizer must divide by `expected_batch_size`, never by a Poisson
+    batch's realized (data-dependent) size.
+
+  Steps and examples come from the model's `DPSparseOptimizer` (every step
+  it ever took, across `fit` calls and checkpoint restores). ε goes into the
+  epoch logs as 'epsilon', hence into `History`.
 
   With `epsilon_budget`, training stops after the last step that keeps ε
-  within it (checked after every batch); if not even one more step fits,
-  `fit` raises `tds.privacy.BudgetExhaustedError` before any step. A batch
-  larger than `batch_size` would make the reported ε too small, so the
-  optimizer's example count is checked against it each epoch.
+  within it, by the same accounting (checked after every batch, assuming
+  full batches of `batch_size` for 'shuffled'); if not even one more step
+  fits, `fit` raises `tds.privacy.BudgetExhaustedError` before any step.
+  Under 'shuffled' a batch larger than `batch_size` would make ε too small,
+  so the optimizer's example count is checked against it each epoch.
+
+  Args:
+    delta: δ of the reported (ε, δ).
+    dataset_size: examples training draws from (after any validation split).
+    batch_size: the fixed batch size ('shuffled') or the expected one q * n
+      ('poisson').
+    epsilon_budget: stop training before ε exceeds this; None never stops.
+    accountant: 'rdp' or 'pld' (`dp_accounting`).
+    sampling: 'shuffled' or 'poisson', as above.
   """
 
   def __init__(self,
@@ -33,7 +62,8 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
                dataset_size: int,
                batch_size: int,
                epsilon_budget: Optional[float] = None,
-               accountant: str = 'rdp'):
+               accountant: str = 'rdp',
+               sampling: str = 'shuffled'):
     super().__init__()
     if not 0 < delta < 1:
       raise ValueError(f'delta must be in (0, 1), got {delta}.')
@@ -43,13 +73,70 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
           f'{dataset_size}.')
     if epsilon_budget is not None and not epsilon_budget > 0:
       raise ValueError(f'epsilon_budget must be > 0, got {epsilon_budget}.')
+    if sampling not in SAMPLINGS:
+      raise ValueError(
+          f'sampling must be one of {SAMPLINGS}, got {sampling!r}.')
     privacy.make_accountant(accountant)  # validates the name
     self.delta = delta
+    self.dataset_size = dataset_size
     self.batch_size = batch_size
     self.sampling_rate = batch_size / dataset_size
     self.epsilon_budget = epsilon_budget
     self.accountant = accountant
+    self.sampling = sampling
     self.epsilon = None
+
+  @property
+  def assumption(self) -> str:
+    """The sampling the reported ε assumes, in words."""
+    if self.sampling == 'poisson':
+      return (f'Poisson-sampled batches at q = {self.batch_size}/'
+              f'{self.dataset_size}')
+    return ('shuffled fixed-size batches, each example once per pass (no '
+            'amplification by sampling)')
+
+  def epsilon_at(self, steps: int, examples: int) -> float:
+    """ε after `steps` steps that used `examples` examples, under `sampling`."""
+    return self._epsilon(self._charged(steps, examples))
+
+  def _charged(self, steps: int, examples: int) -> int:
+    """What the accountant composes: steps (Poisson) or passes (shuffled)."""
+    if self.sampling == 'poisson':
+      return steps
+    return -(-examples // self.dataset_size)
+
+  def _epsilon(self, charged: int) -> float:
+    optimizer = self._optimizer()
+    z = optimizer.noise_multiplier
+    if self.sampling == 'poisson':
+      return privacy.compute_epsilon(z, self.sampling_rate, charged,
+                                     self.delta, self.accountant)
+    if charged == 0:
+      return 0.0
+    if z == 0:
+      return math.inf
+    used_microbatching = (optimizer.num_microbatches is not None and
+                          self.batch_size > optimizer.num_microbatches)
+    return privacy.epsilon_of(
+        privacy.shuffled_batches_event(z, charged, used_microbatching),
+        self.delta, self.accountant)
+
+  def _most_charged_within_budget(self) -> int:
+    """The most steps / passes whose ε stays within the budget (0: none)."""
+
+    def within(charged):
+      return self._epsilon(charged) <= self.epsilon_budget
+
+    if not within(1):
+      return 0
+    low = 1
+    while within(2 * low):
+      low *= 2
+    high = 2 * low  # within(low) and not within(high)
+    while high - low > 1:
+      mid = (low + high) // 2
+      low, high = (mid, high) if within(mid) else (low, mid)
+    return low
 
   def _optimizer(self) -> DPSparseOptimizer:
     optimizer = self.model.optimizer
@@ -63,27 +150,42 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     optimizer = self._optimizer()
     return int(optimizer.iterations.numpy()), int(optimizer.examples.numpy())
 
+  def _check_setup(self) -> None:
+    optimizer = self._optimizer()
+    model_check.check_model(self.model)
+    if self.sampling == 'poisson' and optimizer.expected_batch_size is None:
+      raise ValueError(
+          "sampling='poisson' needs DPSparseOptimizer(..., "
+          'expected_batch_size=batch_size): dividing by a Poisson batch\'s '
+          'realized size would release that data-dependent size.')
+    if optimizer.restore_pending and self.model.built:
+      optimizer.build(self.model.trainable_variables)  # counts before step 1
+
+  def _next_charged(self, steps: int, examples: int, stride: int) -> int:
+    """Charged units after `stride` more steps of at most `batch_size`."""
+    return self._charged(steps + stride, examples + stride * self.batch_size)
+
   def on_train_begin(self, logs=None):
+    self._check_setup()
     self._start = self._counts()
     self._last_steps = self._start[0]
+    tf.get_logger().info('PrivacyCallback: ε assumes %s.', self.assumption)
     if self.epsilon_budget is None:
       return
-    self._max_steps = privacy.max_steps(self._optimizer().noise_multiplier,
-                                 self.sampling_rate, self.delta,
-                                 self.epsilon_budget, self.accountant)
-    if self._last_steps + 1 > self._max_steps:
+    self._max_charged = self._most_charged_within_budget()
+    if self._next_charged(*self._start, stride=1) > self._max_charged:
       raise privacy.BudgetExhaustedError(
           f'one more step would spend more than ε={self.epsilon_budget:g} at '
-          f'δ={self.delta:g} ({self._last_steps} steps taken, at most '
-          f'{self._max_steps} fit).')
+          f'δ={self.delta:g} ({self._start[0]} steps taken, {self.sampling} '
+          'sampling).')
 
   def on_train_batch_end(self, batch, logs=None):
     if self.epsilon_budget is None:
       return
-    steps = int(self._optimizer().iterations.numpy())
+    steps, examples = self._counts()
     stride = max(1, steps - self._last_steps)  # steps per execution
     self._last_steps = steps
-    if steps + stride > self._max_steps:
+    if self._next_charged(steps, examples, stride) > self._max_charged:
       tf.get_logger().warning(
           'PrivacyCallback: stopping after step %d: the next would spend '
           'more than ε=%g at δ=%g.', steps, self.epsilon_budget, self.delta)
@@ -91,13 +193,12 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     steps, examples = self._counts()
-    if examples - self._start[1] > self.batch_size * (steps - self._start[0]):
+    if (self.sampling == 'shuffled' and examples - self._start[1] >
+        self.batch_size * (steps - self._start[0])):
       raise ValueError(
           f'the optimizer saw {examples - self._start[1]} examples in '
           f'{steps - self._start[0]} steps, more than batch_size='
           f'{self.batch_size} per step: ε would be under-reported.')
-    self.epsilon = privacy.compute_epsilon(
-        self._optimizer().noise_multiplier, self.sampling_rate, steps,
-        self.delta, self.accountant)
+    self.epsilon = self.epsilon_at(steps, examples)
     if logs is not None:
       logs['epsilon'] = self.epsilon

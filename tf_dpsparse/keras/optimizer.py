@@ -11,12 +11,15 @@ tape and takes one vectorized (pfor) `tape.jacobian`. TF Privacy's
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tf_dpsparse import codec
 from tf_dpsparse import core
+from tf_dpsparse.keras import model_check
 
 _OPTIMIZER_TYPES = (tf.keras.optimizers.Optimizer,
                     tf.keras.optimizers.legacy.Optimizer)
@@ -29,6 +32,7 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
   One step: per-example (or per-microbatch) gradients of the loss vector;
   `tds.core.gaussian_average` clips each to `l2_norm_clip`, sums, adds
   N(0, (noise_multiplier * l2_norm_clip)^2) and divides by the number of rows
+  of a fixed-size batch, or by `expected_batch_size` under Poisson sampling
   (DP-SGD); `tds.core.topk_with_error_feedback` keeps the `density` fraction
   of largest coordinates of that noised mean plus the residual; the inner
   optimizer applies the densified slice. The slice is exactly what a device
@@ -39,6 +43,18 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
   minus what was sent), so the sparse step is post-processing and ε is that of
   DP-SGD with the same noise (see `PrivacyCallback`). A stateful inner
   optimizer (momentum, Adam) moves every weight, but only from sent slices.
+  Which ε applies depends on how batches are drawn: Poisson-sampled batches
+  (`tds.keras.poisson_batches` with `expected_batch_size`) earn the amplified
+  Poisson ε; `model.fit(x, y, batch_size)` shuffles into fixed-size batches
+  and gets the shuffled bound. Layers that learn outside the gradient
+  (BatchNormalization, stateful RNNs, adapted Normalization) are refused
+  when `model.fit` first calls `minimize` (`tds.keras.check_model`).
+
+  Saving: `.keras` files, `.h5` files, `save_weights` checkpoints (TF format
+  and `.weights.h5`) keep the step count, example count, residual and the
+  inner optimizer's state. A SavedModel directory cannot restore optimizer
+  state (Keras re-creates the optimizer from its config), so saving one with
+  this optimizer raises; save with `include_optimizer=False` to export.
 
   WARNING: the loss must be per-example: compile with a `tf.keras.losses.Loss`
   whose `reduction` is NONE (a scalar loss raises). Noise comes from a
@@ -58,6 +74,12 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     density: fraction of coordinates applied per step, in (0, 1].
     num_microbatches: rows per batch (it must divide the batch size); each
       row's gradient is the mean over its examples. None: one per example.
+    expected_batch_size: divide the noised sum by this data-independent
+      number (q * n for Poisson sampling at rate q over n examples) instead
+      of the batch's row count, which under Poisson sampling is itself
+      data-dependent. Required for `PrivacyCallback(sampling='poisson')`;
+      not with `num_microbatches` (variable-size batches cannot be split
+      into a fixed number of microbatches).
     seed: fixes the noise (tests only); None draws from OS entropy.
     name: the optimizer's name.
   """
@@ -69,6 +91,7 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
                noise_multiplier: float,
                density: float,
                num_microbatches: Optional[int] = None,
+               expected_batch_size: Optional[float] = None,
                seed: Optional[int] = None,
                name: str = 'DPSparseOptimizer'):
     if (not isinstance(optimizer, _OPTIMIZER_TYPES) or
@@ -88,22 +111,54 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
       raise ValueError(
           f'num_microbatches must be a positive integer or None, got '
           f'{num_microbatches}.')
+    if expected_batch_size is not None and not expected_batch_size > 0:
+      raise ValueError(f'expected_batch_size must be > 0 or None, got '
+                       f'{expected_batch_size}.')
+    if expected_batch_size is not None and num_microbatches is not None:
+      raise ValueError(
+          'expected_batch_size (Poisson-sampled, variable-size batches) does '
+          'not go with num_microbatches: use one row per example.')
     super().__init__(name=name, jit_compile=False)
     self._inner = optimizer
     self.l2_norm_clip = float(l2_norm_clip)
     self.noise_multiplier = float(noise_multiplier)
     self.density = float(density)
     self.num_microbatches = num_microbatches
+    self.expected_batch_size = (None if expected_batch_size is None else
+                                float(expected_batch_size))
     self._examples = self.add_variable([], tf.int64, name='examples')
     self._wire_bytes = self.add_variable([], tf.int64, name='wire_bytes')
     self._seed_generator(seed)
+    self._set_pending_state(None)
+    self._set_trained(())
     self._dp_gradients_computed = False
+
+  def _create_iteration_variable(self):
+    """The step count, named apart from the inner optimizer's 'iteration'.
+
+    `.h5` files key optimizer variables by name, and `variables` holds
+    both optimizers' counters.
+    """
+    with tf.init_scope():
+      self._iterations = tf.Variable(0, name='dp_iteration', dtype=tf.int64,
+                                     trainable=False)
+    self._variables.append(self._iterations)
 
   @tf.__internal__.tracking.no_automatic_dependency_tracking
   def _seed_generator(self, seed):
     """An RNG outside checkpoints: restoring must not replay earlier noise."""
     self._generator = (tf.random.Generator.from_non_deterministic_state()
                        if seed is None else tf.random.Generator.from_seed(seed))
+
+  @tf.__internal__.tracking.no_automatic_dependency_tracking
+  def _set_trained(self, var_list):
+    """The model variables this optimizer trains (not its own state)."""
+    self._trained = tuple(var_list)
+
+  @tf.__internal__.tracking.no_automatic_dependency_tracking
+  def _set_pending_state(self, values):
+    """Loaded values waiting for `build` to create the variables they fill."""
+    self._pending_state = values
 
   @property
   def inner_optimizer(self):
@@ -138,27 +193,108 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     return self._wire_bytes
 
   @property
+  def restore_pending(self) -> bool:
+    """True while loaded values wait for `build` (see `load_own_variables`)."""
+    return self._pending_state is not None
+
+  @property
   def examples(self) -> tf.Variable:
     """int64: examples in all steps so far (`iterations` counts the steps).
 
-    Per-step record counts for accounting: `PrivacyCallback` checks them
-    against the batch size that sets the sampling rate.
+    For shuffled-batch accounting `PrivacyCallback` counts passes over the
+    data from it and checks it against the declared batch size. (An empty
+    Poisson draw counts its one weight-0 placeholder; Poisson accounting
+    uses the steps only.)
     """
     return self._examples
 
+  @property
+  def variables(self):
+    """This optimizer's variables, then the inner optimizer's.
+
+    All the state a save must keep: steps, examples, bytes, residual, and
+    the inner optimizer's iterations and slots (what `.h5` files store).
+    A legacy inner optimizer lists its slots in creation order, which a
+    checkpoint restore changes, so they are listed here by variable.
+    """
+    if isinstance(self._inner, tf.keras.optimizers.Optimizer):
+      inner = list(self._inner.variables)
+    else:
+      names = self._inner.get_slot_names()
+      inner = [self._inner.iterations] + [
+          self._inner.get_slot(v, name)
+          for v in self._trained for name in names]
+    return list(self._variables) + inner
+
   def build(self, var_list):
-    """Creates the residual: one flat vector over `var_list`, in that order."""
+    """Creates the residual and the inner slots; fills in a pending load.
+
+    The residual is one flat vector over `var_list`, in that order.
+    """
     super().build(var_list)
     if getattr(self, '_built', False):
       return
     self._var_keys = tuple(self._var_key(v) for v in var_list)
+    self._set_trained(var_list)
     self._size = sum(v.shape.num_elements() for v in var_list)
     self._k = core.k_for_density(self._size, self.density)
     self._residual = self.add_variable([self._size], tf.float32,
                                        name='residual')
     if isinstance(self._inner, tf.keras.optimizers.Optimizer):
-      self._inner.build(var_list)  # slots exist when Keras loads a .keras file
+      self._inner.build(var_list)
+    else:
+      self._inner._create_all_weights(var_list)  # as Keras's .h5 loader does
     self._built = True
+    if self._pending_state is not None:
+      pending = self._pending_state
+      self._set_pending_state(None)
+      self.set_weights(pending)
+
+  def set_weights(self, weights):
+    """Assigns `variables` from `weights`; any mismatch raises, never skips."""
+    if not getattr(self, '_built', False):
+      raise ValueError('DPSparseOptimizer.set_weights before build: call '
+                       'optimizer.build(model.trainable_variables) first.')
+    variables = self.variables
+    if len(weights) != len(variables):
+      raise ValueError(
+          f'DPSparseOptimizer has {len(variables)} variables (its own, then '
+          f'the inner optimizer\'s), got {len(weights)} values: refusing to '
+          'restore a partial state (it would reset the privacy spent).')
+    for variable, value in zip(variables, weights):
+      if tuple(variable.shape) != np.shape(value):
+        raise ValueError(f'{variable.name}: shape {variable.shape} cannot '
+                         f'take a value of shape {np.shape(value)}.')
+      variable.assign(value)
+
+  def load_own_variables(self, store):
+    """Restores from a `.keras` / `.weights.h5` store, before build too.
+
+    Keras's default skips an optimizer that is not built yet (a compiled
+    model that has not trained), which would silently restart the privacy
+    count: the values are kept here and assigned by `build`.
+    """
+    values = [np.array(store[str(i)]) for i in range(len(store.keys()))]
+    if getattr(self, '_built', False):
+      self.set_weights(values)
+    else:
+      self._set_pending_state(values)
+
+  def _trackable_children(self, save_type='checkpoint', **kwargs):
+    """Refuses the Keras SavedModel format, which would lose the DP state.
+
+    `tf.keras.models.load_model` of a SavedModel directory re-creates the
+    optimizer from its config: steps, examples and residual restart at 0
+    and ε would be reported too low.
+    """
+    if save_type == 'savedmodel':
+      raise ValueError(
+          'DPSparseOptimizer cannot be saved in the SavedModel format: '
+          'loading it would reset the steps, examples and residual, hence '
+          'the privacy spent. Save a .keras file (model.save("m.keras")), a '
+          'checkpoint (model.save_weights), or export the model without its '
+          'optimizer: model.save(path, include_optimizer=False).')
+    return super()._trackable_children(save_type, **kwargs)
 
   def _microbatch_losses(self, loss):
     loss = tf.convert_to_tensor(loss)
@@ -206,10 +342,22 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     rows = tf.vectorized_map(core.flatten, jacobians)  # [microbatches, size]
     noise_seed = self._generator.make_seeds(1)[:, 0]
     mean, _ = core.gaussian_average(rows, self.l2_norm_clip,
-                                    self.noise_multiplier, noise_seed)
+                                    self.noise_multiplier, noise_seed,
+                                    denominator=self.expected_batch_size)
     self._examples.assign_add(tf.shape(loss, out_type=tf.int64)[0])
     self._dp_gradients_computed = True
     return list(zip(core.unflatten(mean, var_list), var_list))
+
+  def minimize(self, loss, var_list, tape=None):
+    """DP-SGD step; first refuses a model that learns outside the gradient.
+
+    Under `model.fit`, the model is the one whose `train_step` calls this
+    (see `tds.keras.check_model` for what is refused and why).
+    """
+    model = _calling_model(self)
+    if model is not None:
+      model_check.check_model(model)
+    return super().minimize(loss, var_list, tape)
 
   def apply_gradients(self, grads_and_vars, name=None):
     """Applies the top-k of gradients + residual with the inner optimizer.
@@ -252,6 +400,7 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
         'noise_multiplier': self.noise_multiplier,
         'density': self.density,
         'num_microbatches': self.num_microbatches,
+        'expected_batch_size': self.expected_batch_size,
     }
 
   @classmethod
@@ -260,3 +409,21 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     config['optimizer'] = tf.keras.optimizers.deserialize(
         config['optimizer'], custom_objects=custom_objects)
     return cls(**config)
+
+
+def _calling_model(optimizer) -> Optional[tf.keras.Model]:
+  """The Keras model whose `train_step` is calling `optimizer`, if any.
+
+  Keras 2 hands an optimizer only variables; `Model.train_step` (or an
+  override of it) calls `self.optimizer.minimize`, so the model is the
+  `self` of a frame up the stack. Runs when Keras traces the step (every
+  step under `run_eagerly`).
+  """
+  frame = sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None:
+    candidate = frame.f_locals.get('self')
+    if (isinstance(candidate, tf.keras.Model) and
+        getattr(candidate, 'optimizer', None) is optimizer):
+      return candidate
+    frame = frame.f_back
+  return None
