@@ -137,3 +137,101 @@ def test_round_privacy_calibrates_and_budgets():
                         (dict(noise_multiplier=-1.0), '>= 0')):
     with pytest.raises(ValueError, match=match):
       tds.privacy.round_privacy(sampling_rate=0.1, delta=1e-5, **kwargs)
+
+
+# TF Privacy's own statement of a DP-SGD schedule, for parity: its Poisson
+# line is our sampled Gaussian, its "once per epoch" line our shuffled bound.
+_TFP = pytest.importorskip(
+    'tensorflow_privacy.privacy.analysis.compute_dp_sgd_privacy_lib')
+
+
+@pytest.mark.parametrize('n,batch,epochs,z', [(640, 64, 3, 1.1),
+                                              (60000, 250, 15, 1.1),
+                                              (1000, 100, 2.5, 0.7),
+                                              (50000, 500, 1, 4.0)])
+def test_epsilon_matches_tf_privacy_statement(n, batch, epochs, z):
+  delta = 1e-5
+  steps = round(epochs * n / batch)  # whole steps covering exactly `epochs`
+  assert steps * batch == epochs * n
+  poisson = _TFP._compute_dp_sgd_example_privacy(
+      epochs, z, delta, used_microbatching=False,
+      poisson_subsampling_probability=batch / n)
+  per_epoch = _TFP._compute_dp_sgd_example_privacy(
+      epochs, z, delta, used_microbatching=False)
+  assert tds.privacy.compute_epsilon(z, batch / n, steps, delta) == (
+      pytest.approx(poisson, rel=1e-9))
+  assert tds.privacy.compute_epsilon_shuffled(z, n, batch, steps, delta) == (
+      pytest.approx(per_epoch, rel=1e-9))
+  microbatched = _TFP._compute_dp_sgd_example_privacy(
+      epochs, z, delta, used_microbatching=True)
+  assert tds.privacy.compute_epsilon_shuffled(
+      z, n, batch, steps, delta, used_microbatching=True) == pytest.approx(
+          microbatched, rel=1e-9)
+
+
+def test_epsilon_matches_tf_privacy_printed_statement():
+  """640 examples, batch 64, 3 epochs, z = 1.1, δ = 1e-5: 4.02 and 8.04."""
+  import re
+  text = _TFP.compute_dp_sgd_privacy_statement(640, 64, 3, 1.1, 1e-5,
+                                                used_microbatching=False)
+  per_epoch = float(re.search(r'once per epoch:\s+([\d.]+)', text).group(1))
+  poisson = float(re.search(r'Poisson sampling \(\*\):\s+([\d.]+)',
+                            text).group(1))
+  ours_poisson = tds.privacy.compute_epsilon(1.1, 64 / 640, 30, 1e-5)
+  ours_per_epoch = tds.privacy.compute_epsilon_shuffled(1.1, 640, 64, 30, 1e-5)
+  assert (f'{ours_poisson:.3f}', f'{ours_per_epoch:.3f}') == (
+      f'{poisson:.3f}', f'{per_epoch:.3f}')
+  assert (round(ours_poisson, 2), round(ours_per_epoch, 2)) == (4.02, 8.04)
+
+
+@pytest.mark.parametrize('accountant', ['rdp', 'pld'])
+def test_calibration_refuses_a_target_past_the_noise_ceiling(accountant):
+  """ε = 0.001 over 5 steps at q = 0.5 would need σ > 1000: refused at once
+  (it used to search σ up to 2**30 for minutes)."""
+  ceiling = tds.privacy.accounting.MAX_NOISE_MULTIPLIER
+  at_ceiling = tds.privacy.compute_epsilon(ceiling, 0.5, 5, 1e-5, accountant)
+  assert at_ceiling > 0.001
+  with pytest.raises(ValueError, match='out of reach') as raised:
+    tds.privacy.calibrate_noise_multiplier(0.001, 1e-5, 0.5, 5, accountant)
+  message = str(raised.value)
+  assert f'{ceiling:g}' in message and 'MAX_NOISE_MULTIPLIER' in message
+  assert f'ε={at_ceiling:.4g}' in message
+  # A caller may raise the ceiling, and is then held to the new one.
+  with pytest.raises(ValueError, match='noise_multiplier > 50 '):
+    tds.privacy.calibrate_noise_multiplier(0.05, 1e-5, 0.5, 5, accountant,
+                                           max_noise_multiplier=50.0)
+
+
+def test_calibration_refuses_a_target_looser_than_the_noise_floor():
+  floor = tds.privacy.accounting.MIN_NOISE_MULTIPLIER
+  at_floor = tds.privacy.compute_epsilon(floor, 0.5, 5, 1e-5)
+  with pytest.raises(ValueError, match='MIN_NOISE_MULTIPLIER') as raised:
+    tds.privacy.calibrate_noise_multiplier(2 * at_floor, 1e-5, 0.5, 5)
+  assert f'ε={at_floor:.4g}' in str(raised.value)
+  for target in (0.0, -1.0, math.inf, math.nan):
+    with pytest.raises(ValueError, match='target_epsilon'):
+      tds.privacy.calibrate_noise_multiplier(target, 1e-5, 0.5, 5)
+
+
+@pytest.mark.parametrize('target,q,steps', [(0.05, 0.01, 100),
+                                            (30.0, 0.5, 50)])
+def test_calibration_near_the_bounds_hits_target(target, q, steps):
+  """Targets whose σ is far from 1 (≈ 25 and ≈ 0.2) are still found."""
+  z = tds.privacy.calibrate_noise_multiplier(target, 1e-5, q, steps)
+  eps = tds.privacy.compute_epsilon(z, q, steps, 1e-5)
+  assert 0.99 * target <= eps <= target * (1 + 1e-9)
+
+
+def test_max_steps_is_capped_by_its_limit():
+  # σ = 50 at q = 0.01 would fit millions of steps in ε = 8.
+  assert tds.privacy.max_steps(50.0, 0.01, 1e-5, 8.0, limit=1000) == 1000
+  assert tds.privacy.max_steps(1.1, 0.02, 1e-5, math.inf,
+                               limit=77) == 77
+  uncapped = tds.privacy.max_steps(1.1, 0.02, 1e-5, 1.5)
+  assert tds.privacy.max_steps(1.1, 0.02, 1e-5, 1.5,
+                               limit=uncapped + 3) == uncapped
+  assert tds.privacy.max_steps(1.1, 0.02, 1e-5, 1.5,
+                               limit=uncapped - 1) == uncapped - 1
+  for budget, limit in ((0.0, 10), (math.nan, 10), (1.0, 0)):
+    with pytest.raises(ValueError):
+      tds.privacy.max_steps(1.1, 0.02, 1e-5, budget, limit=limit)

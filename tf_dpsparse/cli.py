@@ -30,15 +30,10 @@ def _calibrate(args) -> int:
 
 
 def _run(args) -> int:
+  """Trains as `args` say; `RunConfig` alone decides ε vs noise (and refuses
+  both), so the flags mean what the config means."""
   from tf_dpsparse.federated import simulation
-  defaults = simulation.RunConfig()
   privacy = None if args.privacy == 'none' else args.privacy
-  noise = args.noise_multiplier
-  target = args.target_epsilon
-  if noise is not None:
-    target = None
-  elif target is None:
-    target = defaults.target_epsilon
   config = simulation.RunConfig(
       dataset=args.dataset, rounds=args.rounds,
       clients_per_round=args.clients_per_round, num_clients=args.num_clients,
@@ -46,7 +41,8 @@ def _run(args) -> int:
       upload_density=args.upload_density, download_density=args.download_density,
       shared_fraction=args.shared_fraction, catch_up=args.catch_up,
       catch_up_density=args.catch_up_density, privacy=privacy,
-      target_epsilon=target, noise_multiplier=noise,
+      target_epsilon=args.target_epsilon,
+      noise_multiplier=args.noise_multiplier,
       l2_norm_clip=args.l2_norm_clip, delta=args.delta,
       batch_size=args.batch_size, local_steps=args.local_steps,
       client_learning_rate=args.client_lr,
@@ -122,7 +118,8 @@ def _add_run(sub) -> None:
   run.add_argument('--target-epsilon', type=float, default=None,
                    help='calibrate the noise to spend this ε over --rounds '
                    '(default 8 unless --noise-multiplier is given)')
-  run.add_argument('--noise-multiplier', type=float, default=None)
+  run.add_argument('--noise-multiplier', type=float, default=None,
+                   help='fixed noise instead of a target ε (not both)')
   run.add_argument('--l2-norm-clip', type=float, default=1.0)
   run.add_argument('--delta', type=float, default=1e-5)
   run.add_argument('--batch-size', type=int, default=16)

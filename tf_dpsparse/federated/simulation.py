@@ -31,6 +31,7 @@ from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 
 
 DEVICES_SCORED = 5  # views scored per round with catch_up='topk'
+DEFAULT_TARGET_EPSILON = 8.0  # a private run given neither ε nor noise
 
 
 @dataclasses.dataclass
@@ -48,7 +49,8 @@ class RunConfig:
   catch_up: str = 'union'
   catch_up_density: Optional[float] = None  # 'topk': default download_density
   privacy: Optional[str] = 'example'
-  target_epsilon: Optional[float] = 8.0
+  # Give one or neither: neither means DEFAULT_TARGET_EPSILON (__post_init__).
+  target_epsilon: Optional[float] = None
   noise_multiplier: Optional[float] = None
   l2_norm_clip: float = 1.0
   delta: float = 1e-5
@@ -58,6 +60,22 @@ class RunConfig:
   server_learning_rate: float = 1.0
   value_bits: int = 16
   seed: int = 0
+
+  def __post_init__(self):
+    """Resolves the privacy target in one place (the CLI relies on it).
+
+    A noise multiplier and a target ε together are refused: one would
+    silently override the other, and the ε reported would not be the one
+    asked for. A private run given neither aims at DEFAULT_TARGET_EPSILON.
+    """
+    if self.noise_multiplier is not None and self.target_epsilon is not None:
+      raise ValueError(
+          f'give target_epsilon ({self.target_epsilon}) or noise_multiplier '
+          f'({self.noise_multiplier}), not both: the noise is calibrated from '
+          'the target, so one would silently override the other.')
+    if self.privacy is not None and self.noise_multiplier is None and (
+        self.target_epsilon is None):
+      self.target_epsilon = DEFAULT_TARGET_EPSILON
 
   def dense(self) -> 'RunConfig':
     """The same run dense and float32 both ways: the baseline of every ratio."""

@@ -19,6 +19,15 @@ ACCOUNTANTS = ('rdp', 'pld')
 # Units of privacy every front offers: none, per record (DP-SGD on the
 # device), per device (DP-FedAvg with a trusted aggregator).
 PRIVACY_MODES = (None, 'example', 'client')
+# The noise multipliers calibration searches between. Below 0.1 a Gaussian
+# step spends ε ≳ 40 at δ = 1e-5 even at sampling rate 1e-6: no privacy
+# worth the name. Above 1000 the noise is 1000× the clipped contribution,
+# beyond the largest cohorts and batches in use; past it RDP cannot certify
+# much less anyway (ε ≈ 0.0035 at δ = 1e-5 is its floor with default orders).
+MIN_NOISE_MULTIPLIER = 0.1
+MAX_NOISE_MULTIPLIER = 1000.0
+# Steps `max_steps` looks at, at most (~1M): past it PLD scores take seconds.
+MAX_STEPS = 2**20
 
 
 def check_privacy_mode(mode, *, l2_norm_clip=None, noise_multiplier=None,
@@ -144,39 +153,112 @@ def compute_epsilon_shuffled(noise_multiplier: float, dataset_size: int,
       delta, accountant)
 
 
+def _bracket(gap, low: float, high: float) -> tuple:
+  """σ values (a, b) with gap(a) > 0 >= gap(b), given gap(high) <= 0.
+
+  Doubles (or halves) from σ = 1, where most schedules land, so the costly
+  ends are rarely scored: RDP slows at large σ and PLD at small σ. At most
+  log2(high / low) + 1 scores. Raises ValueError if even `low` is enough.
+  """
+  b = min(max(1.0, low), high)
+  if gap(b) > 0:
+    a = b
+    while True:
+      b = min(2 * a, high)
+      if b == high or gap(b) <= 0:
+        return a, b
+      a = b
+  while True:
+    a = max(b / 2, low)
+    gap_a = gap(a)
+    if gap_a > 0:
+      return a, b
+    if a == low:
+      raise ValueError(
+          f'target ε={gap.target:g} is looser than what noise_multiplier='
+          f'{low:g} (MIN_NOISE_MULTIPLIER) already spends, '
+          f'ε={gap_a + gap.target:.4g}: no meaningful privacy. Give '
+          'noise_multiplier directly instead.')
+    b = a
+
+
+class _EpsilonGap:
+  """ε(σ) - target for one schedule: the function the search brackets."""
+
+  def __init__(self, target, delta, sampling_rate, steps, accountant):
+    self.target, self._delta, self._accountant = target, delta, accountant
+    self._rate, self._steps = sampling_rate, steps
+
+  def event(self, sigma: float) -> dp_accounting.DpEvent:
+    return sampled_gaussian_event(sigma, self._rate, self._steps)
+
+  def __call__(self, sigma: float) -> float:
+    return epsilon_of(self.event(sigma), self._delta,
+                      self._accountant) - self.target
+
+
 def calibrate_noise_multiplier(target_epsilon: float,
                                delta: float,
                                sampling_rate: float,
                                steps: int,
                                accountant: str = 'rdp',
-                               tol: float = 1e-5) -> float:
+                               tol: float = 1e-5,
+                               max_noise_multiplier: float = (
+                                   MAX_NOISE_MULTIPLIER)) -> float:
   """The smallest noise multiplier whose schedule spends at most `target_epsilon`.
 
-  Uses `dp_accounting.calibrate_dp_mechanism` (Brent search over σ, each
-  candidate scored by a fresh accountant); `tol` is the tolerance on σ.
+  Searches only [MIN_NOISE_MULTIPLIER, max_noise_multiplier], so an
+  unreachable target fails in a few scores instead of an unbounded search:
+  ε at the ceiling is checked first (ValueError, with that ε, if it is still
+  over the target), then a bracket is found by doubling or halving from 1,
+  then `dp_accounting.calibrate_dp_mechanism` (Brent search, each candidate
+  scored by a fresh accountant) narrows it; `tol` is the tolerance on σ.
+  A target looser than what MIN_NOISE_MULTIPLIER spends is refused too.
+  PLD scores slowly at small σ (seconds at σ ≈ 0.1), RDP at large σ with
+  q = 0.5 (about 1 s at the ceiling).
   """
   if not target_epsilon > 0 or math.isinf(target_epsilon):
     raise ValueError(f'target_epsilon must be finite and > 0, got {target_epsilon}.')
+  if not max_noise_multiplier > MIN_NOISE_MULTIPLIER:
+    raise ValueError(f'max_noise_multiplier must be > {MIN_NOISE_MULTIPLIER}, '
+                     f'got {max_noise_multiplier}.')
   _check_delta(delta)
   _check_schedule(1.0, sampling_rate, steps)
   if steps < 1:
     raise ValueError('steps must be >= 1 to calibrate noise.')
+  gap = _EpsilonGap(target_epsilon, delta, sampling_rate, steps, accountant)
+  ceiling_gap = gap(max_noise_multiplier)
+  if ceiling_gap > 0:
+    raise ValueError(
+        f'target ε={target_epsilon:g} at δ={delta:g} is out of reach: it needs '
+        f'noise_multiplier > {max_noise_multiplier:g} (the ceiling, '
+        f'MAX_NOISE_MULTIPLIER), which still spends '
+        f'ε={ceiling_gap + target_epsilon:.4g} over {steps} steps at sampling '
+        f'rate {sampling_rate:g} ({accountant}). Ask for a larger ε or δ, '
+        'fewer steps or a lower sampling rate.')
+  low, high = _bracket(gap, MIN_NOISE_MULTIPLIER, max_noise_multiplier)
   return float(
       dp_accounting.calibrate_dp_mechanism(
-          lambda: make_accountant(accountant),
-          lambda sigma: sampled_gaussian_event(sigma, sampling_rate, steps),
-          target_epsilon,
+          lambda: make_accountant(accountant), gap.event, target_epsilon,
           delta,
-          bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+          bracket_interval=dp_accounting.ExplicitBracketInterval(low, high),
           tol=tol))
 
 
 def max_steps(noise_multiplier: float, sampling_rate: float, delta: float,
-              epsilon_budget: float, accountant: str = 'rdp') -> int:
-  """The most steps whose ε stays within `epsilon_budget` (0 if not even one).
+              epsilon_budget: float, accountant: str = 'rdp',
+              limit: int = MAX_STEPS) -> int:
+  """The most steps, up to `limit`, whose ε stays within `epsilon_budget`.
 
-  Doubling then bisection on `compute_epsilon`, which grows with steps.
+  0 if not even one step fits. Doubling then bisection on `compute_epsilon`,
+  which grows with steps; `limit` bounds the doubling, as a huge noise
+  multiplier (or budget) would otherwise double for long, and PLD scores
+  of millions of steps take minutes.
   """
+  if not epsilon_budget > 0:
+    raise ValueError(f'epsilon_budget must be > 0, got {epsilon_budget}.')
+  if int(limit) != limit or limit < 1:
+    raise ValueError(f'limit must be a positive integer, got {limit}.')
 
   def within(steps):
     return compute_epsilon(noise_multiplier, sampling_rate, steps, delta,
@@ -184,11 +266,13 @@ def max_steps(noise_multiplier: float, sampling_rate: float, delta: float,
 
   if not within(1):
     return 0
-  low = 1
-  while within(2 * low):
-    low *= 2
-  high = 2 * low  # within(low) and not within(high)
-  while high - low > 1:
+  low, high = 1, None
+  while high is None:  # double, up to `limit`
+    if low >= limit:
+      return low
+    step = min(2 * low, int(limit))
+    low, high = (step, None) if within(step) else (low, step)
+  while high - low > 1:  # within(low) and not within(high)
     mid = (low + high) // 2
     low, high = (mid, high) if within(mid) else (low, mid)
   return low

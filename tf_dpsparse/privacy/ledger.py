@@ -205,7 +205,11 @@ def round_privacy(*, sampling_rate: float, delta: float,
   rounds it was calibrated for.
   """
   if (noise_multiplier is None) == (target_epsilon is None):
-    raise ValueError('give exactly one of noise_multiplier and target_epsilon.')
+    raise ValueError(
+        'give exactly one of noise_multiplier and target_epsilon (got '
+        f'{noise_multiplier} and {target_epsilon}): the noise is either fixed '
+        'or calibrated to the target, never both, so the ε reported is that '
+        'of the noise used.')
   if target_epsilon is not None:
     if not rounds:
       raise ValueError('target_epsilon needs rounds to calibrate for.')
