@@ -67,7 +67,7 @@ def main():
         f'(held-out runs of the same 30 users)')
   print(f'test accuracy: {accuracy:.3f}')
   shuffled = tds.privacy.compute_epsilon_shuffled(
-      NOISE_MULTIPLIER, len(x), BATCH_SIZE, steps, DELTA)
+      NOISE_MULTIPLIER, steps * BATCH_SIZE / len(x), DELTA)
   print(f'privacy: ε = {privacy.epsilon:.2f} at δ = {DELTA:g} after {steps} '
         f'steps (σ = {NOISE_MULTIPLIER}, RDP, {privacy.assumption}); the '
         f'same steps on shuffled fixed-size batches: ε = {shuffled:.2f}')

@@ -160,12 +160,12 @@ def test_epsilon_matches_tf_privacy_statement(n, batch, epochs, z):
       epochs, z, delta, used_microbatching=False)
   assert tds.privacy.compute_epsilon(z, batch / n, steps, delta) == (
       pytest.approx(poisson, rel=1e-9))
-  assert tds.privacy.compute_epsilon_shuffled(z, n, batch, steps, delta) == (
+  assert tds.privacy.compute_epsilon_shuffled(z, epochs, delta) == (
       pytest.approx(per_epoch, rel=1e-9))
   microbatched = _TFP._compute_dp_sgd_example_privacy(
       epochs, z, delta, used_microbatching=True)
   assert tds.privacy.compute_epsilon_shuffled(
-      z, n, batch, steps, delta, used_microbatching=True) == pytest.approx(
+      z, epochs, delta, used_microbatching=True) == pytest.approx(
           microbatched, rel=1e-9)
 
 
@@ -178,7 +178,7 @@ def test_epsilon_matches_tf_privacy_printed_statement():
   poisson = float(re.search(r'Poisson sampling \(\*\):\s+([\d.]+)',
                             text).group(1))
   ours_poisson = tds.privacy.compute_epsilon(1.1, 64 / 640, 30, 1e-5)
-  ours_per_epoch = tds.privacy.compute_epsilon_shuffled(1.1, 640, 64, 30, 1e-5)
+  ours_per_epoch = tds.privacy.compute_epsilon_shuffled(1.1, 3, 1e-5)
   assert (f'{ours_poisson:.3f}', f'{ours_per_epoch:.3f}') == (
       f'{poisson:.3f}', f'{per_epoch:.3f}')
   assert (round(ours_poisson, 2), round(ours_per_epoch, 2)) == (4.02, 8.04)

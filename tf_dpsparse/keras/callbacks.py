@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import tensorflow as tf
@@ -111,32 +110,15 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     if self.sampling == 'poisson':
       return privacy.compute_epsilon(z, self.sampling_rate, charged,
                                      self.delta, self.accountant)
-    if charged == 0:
-      return 0.0
-    if z == 0:
-      return math.inf
     used_microbatching = (optimizer.num_microbatches is not None and
                           self.batch_size > optimizer.num_microbatches)
-    return privacy.epsilon_of(
-        privacy.shuffled_batches_event(z, charged, used_microbatching),
-        self.delta, self.accountant)
+    return privacy.compute_epsilon_shuffled(z, charged, self.delta,
+                                            used_microbatching,
+                                            self.accountant)
 
   def _most_charged_within_budget(self) -> int:
     """The most steps / passes whose ε stays within the budget (0: none)."""
-
-    def within(charged):
-      return self._epsilon(charged) <= self.epsilon_budget
-
-    if not within(1):
-      return 0
-    low = 1
-    while within(2 * low):
-      low *= 2
-    high = 2 * low  # within(low) and not within(high)
-    while high - low > 1:
-      mid = (low + high) // 2
-      low, high = (mid, high) if within(mid) else (low, mid)
-    return low
+    return privacy.largest_within(self._epsilon, self.epsilon_budget)
 
   def _optimizer(self) -> DPSparseOptimizer:
     optimizer = self.model.optimizer

@@ -10,6 +10,7 @@ computed by hand: the events below are what `dp_accounting` composes.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import dp_accounting
 from dp_accounting import pld
@@ -129,25 +130,21 @@ def shuffled_batches_event(noise_multiplier: float, epochs: float,
       dp_accounting.GaussianDpEvent(z), int(math.ceil(epochs - 1e-12)))
 
 
-def compute_epsilon_shuffled(noise_multiplier: float, dataset_size: int,
-                             batch_size: int, steps: int, delta: float,
-                             used_microbatching: bool = False,
+def compute_epsilon_shuffled(noise_multiplier: float, epochs: float,
+                             delta: float, used_microbatching: bool = False,
                              accountant: str = 'rdp') -> float:
-  """ε of `steps` DP-SGD steps on shuffled fixed-size batches (no sampling).
+  """ε of `epochs` passes of DP-SGD on shuffled fixed-size batches.
 
   The honest bound when batches are not Poisson-sampled (a plain
-  `model.fit`, `tf.data` `shuffle().batch()`): `steps * batch_size /
-  dataset_size` epochs of `shuffled_batches_event`.
+  `model.fit`, `tf.data` `shuffle().batch()`): `shuffled_batches_event`,
+  a partial pass counted whole. TF Privacy's `num_epochs` argument.
   """
-  if not 0 < batch_size <= dataset_size:
-    raise ValueError(f'need 0 < batch_size <= dataset_size, got {batch_size} '
-                     f'and {dataset_size}.')
-  _check_schedule(noise_multiplier, 1.0, steps)
-  if steps == 0:
+  if not noise_multiplier >= 0:
+    raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+  if epochs == 0:
     return 0.0
   if noise_multiplier == 0:
     return math.inf
-  epochs = steps * batch_size / dataset_size
   return epsilon_of(
       shuffled_batches_event(noise_multiplier, epochs, used_microbatching),
       delta, accountant)
@@ -245,24 +242,22 @@ def calibrate_noise_multiplier(target_epsilon: float,
           tol=tol))
 
 
-def max_steps(noise_multiplier: float, sampling_rate: float, delta: float,
-              epsilon_budget: float, accountant: str = 'rdp',
-              limit: int = MAX_STEPS) -> int:
-  """The most steps, up to `limit`, whose ε stays within `epsilon_budget`.
+def largest_within(epsilon_fn: Callable[[int], float],
+                   epsilon_budget: float, limit: int = MAX_STEPS) -> int:
+  """The largest count n <= `limit` with `epsilon_fn(n) <= epsilon_budget`.
 
-  0 if not even one step fits. Doubling then bisection on `compute_epsilon`,
-  which grows with steps; `limit` bounds the doubling, as a huge noise
-  multiplier (or budget) would otherwise double for long, and PLD scores
-  of millions of steps take minutes.
+  0 if not even 1 fits. `epsilon_fn` must grow with n (steps, passes,
+  rounds). Doubling then bisection; `limit` bounds the doubling, as a huge
+  noise multiplier (or budget) would otherwise double for long, and PLD
+  scores of millions of steps take minutes.
   """
   if not epsilon_budget > 0:
     raise ValueError(f'epsilon_budget must be > 0, got {epsilon_budget}.')
   if int(limit) != limit or limit < 1:
     raise ValueError(f'limit must be a positive integer, got {limit}.')
 
-  def within(steps):
-    return compute_epsilon(noise_multiplier, sampling_rate, steps, delta,
-                           accountant) <= epsilon_budget
+  def within(n):
+    return epsilon_fn(n) <= epsilon_budget
 
   if not within(1):
     return 0
@@ -276,3 +271,12 @@ def max_steps(noise_multiplier: float, sampling_rate: float, delta: float,
     mid = (low + high) // 2
     low, high = (mid, high) if within(mid) else (low, mid)
   return low
+
+
+def max_steps(noise_multiplier: float, sampling_rate: float, delta: float,
+              epsilon_budget: float, accountant: str = 'rdp',
+              limit: int = MAX_STEPS) -> int:
+  """The most Poisson-sampled steps, up to `limit`, within `epsilon_budget`."""
+  return largest_within(
+      lambda steps: compute_epsilon(noise_multiplier, sampling_rate, steps,
+                                    delta, accountant), epsilon_budget, limit)
