@@ -308,19 +308,28 @@ def test_padded_chunks_keep_every_index_once(count, max_batch):
 
 
 def test_poisson_average_divides_by_the_expected_batch_size():
-  """Noise off: the sum of the sampled rows, each clipped, over q n; a sample
-  larger than max_batch is not truncated."""
+  """Noise off: the sum of the sampled rows, each clipped, over q n."""
   rows = tf.random.stateless_normal([300, 5], seed=[1, 2]) * 3.0
-  clip, q, seed = 2.0, 0.2, tf.constant([4, 5], tf.int64)
+  clip, q, seed = 2.0, 0.2, tf.constant([4, 6], tf.int64)
   average, count = tds.core.poisson_gaussian_average(
       lambda idx: tf.gather(rows, idx), num_examples=300, sampling_rate=q,
-      max_batch=7, size=5, l2_norm_clip=clip, noise_multiplier=0.0, seed=seed)
+      size=5, l2_norm_clip=clip, noise_multiplier=0.0, seed=seed)
   sample_seed = tf.random.experimental.stateless_split(seed, 2)[0]
   sampled = tf.gather(rows, tds.core.poisson_sample(300, q, sample_seed))
   clipped, _ = tds.core.clip_rows_by_l2_norm(sampled, clip)
-  assert int(count) == sampled.shape[0] > 7
+  assert int(count) == sampled.shape[0] != q * 300
   np.testing.assert_allclose(average, tf.reduce_sum(clipped, 0) / (q * 300),
                              rtol=1e-5)
+
+
+def test_an_empty_poisson_sample_still_releases_the_noise():
+  """The accountant charges every step, so an empty one is noise alone."""
+  step = tf.function(lambda: tds.core.poisson_gaussian_average(
+      lambda idx: tf.ones([tf.size(idx), 3]), num_examples=10,
+      sampling_rate=1e-9, size=3, l2_norm_clip=1.0, noise_multiplier=2.0))
+  average, count = step()
+  assert int(count) == 0
+  assert np.all(average.numpy() != 0)  # N(0, 4) / 1e-8, never exactly 0
 
 
 def test_gaussian_average_denominator_and_row_mask():

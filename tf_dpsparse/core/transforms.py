@@ -176,10 +176,11 @@ def padded_chunks(indices: tf.Tensor,
 
 
 def default_max_batch(batch_size: int) -> int:
-  """Rows per padded chunk of a Poisson batch: a second chunk 1 step in 20.
+  """Rows per padded chunk of a Poisson batch at static shapes (TFLite).
 
-  A Poisson batch of expected size b holds about Poisson(b) examples. Each
-  chunk costs a vectorized pass of its rows plus a fixed overhead, so the
+  A second chunk 1 step in 20: a Poisson batch of expected size b holds
+  about Poisson(b) examples. Each chunk costs a vectorized pass of its rows
+  plus a fixed overhead, so the
   chunk is the 95 % quantile of Poisson(b) (23 at b = 16): padding stays
   moderate and a larger sample, 1 step in 20, takes one more chunk. It
   changes cost only, never privacy (`padded_chunks` never truncates).
@@ -196,36 +197,34 @@ def default_max_batch(batch_size: int) -> int:
 
 
 def poisson_gaussian_average(rows_fn, *, num_examples, sampling_rate,
-                             max_batch: int, size: int, l2_norm_clip,
-                             noise_multiplier, seed: SeedLike = None
+                             size: int, l2_norm_clip, noise_multiplier,
+                             seed: SeedLike = None
                              ) -> Tuple[tf.Tensor, tf.Tensor]:
-  """One DP-SGD step on a Poisson-sampled batch, at static shapes.
+  """One DP-SGD step on a Poisson-sampled batch.
 
   Samples each of `num_examples` examples with probability `sampling_rate`
-  (`poisson_sample`), computes their per-example gradients in chunks of
-  `max_batch` (`rows_fn(indices int32[max_batch]) -> float32[max_batch,
-  size]`, padding rows masked out), clips each, sums, adds
-  N(0, (noise_multiplier * l2_norm_clip)^2) once and divides by the
-  expected batch size `sampling_rate * num_examples`.
+  (`poisson_sample`), computes their per-example gradients
+  (`rows_fn(indices int32[count]) -> float32[count, size]`, count dynamic),
+  clips each, sums, adds N(0, (noise_multiplier * l2_norm_clip)^2) once and
+  divides by the expected batch size `sampling_rate * num_examples`. An
+  empty sample still releases the noise (the accountant charges every
+  step). Nothing is truncated, so the release is exactly the
+  Poisson-sampled Gaussian mechanism of `tds.privacy.sampled_gaussian_event`.
 
-  Overflow is made impossible rather than accounted for: a sample larger
-  than `max_batch` takes more chunks (`padded_chunks`), so the released sum
-  is exactly the Poisson-sampled Gaussian mechanism of
-  `tds.privacy.sampled_gaussian_event`. `max_batch` trades padding against
-  extra chunks; it changes cost, never privacy. Returns `(average,
-  batch_count)`; the count is data-dependent and for the caller's own
-  metrics only, never to be released.
+  The batch dimension is dynamic, which TensorFlow graphs (and TFF's) allow
+  at no padding cost; where shapes must be static (TFLite), pad with
+  `padded_chunks` instead (the LiteRT client). Returns `(average,
+  batch_count)`; the count is data-dependent, for the caller's own metrics
+  only, never to be released.
   """
   sample_seed = noise_seed = None
   if seed is not None:
     sample_seed, noise_seed = tf.unstack(
         tf.random.experimental.stateless_split(_stateless_seed(seed), 2))
   indices = poisson_sample(num_examples, sampling_rate, sample_seed)
-  chunks, valid = padded_chunks(indices, max_batch)
-  total = tf.foldl(
-      lambda acc, chunk: acc + clipped_sum(rows_fn(chunk[0]), l2_norm_clip,
-                                           chunk[1])[0],
-      (chunks, valid), initializer=tf.zeros([size]))
+  total = tf.cond(tf.size(indices) > 0,
+                  lambda: clipped_sum(rows_fn(indices), l2_norm_clip)[0],
+                  lambda: tf.zeros([size]))
   total = add_gaussian_noise(total, noise_multiplier * l2_norm_clip,
                              noise_seed)
   expected = sampling_rate * tf.cast(num_examples, tf.float32)

@@ -103,8 +103,7 @@ def _all_examples(data):
 
 
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
-                         noise_multiplier, batch_size, max_batch_size,
-                         local_steps, per_example_loss_fn, value_bits, seed):
+                         noise_multiplier, batch_size, local_steps, per_example_loss_fn, value_bits, seed):
   """The device's round as a tf.function (builds its own model, as TFF does).
 
   It trains from `initial_weights` and returns the client state with the new
@@ -112,7 +111,7 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
   DP-SGD steps, each on a Poisson sample of the device's n examples at rate
   batch_size / n (`core.poisson_gaussian_average`: every example joins
   independently, the noised sum is divided by the expected batch size
-  batch_size, and a large sample takes more chunks, never truncated). n is
+  batch_size, and nothing is truncated). n is
   treated as public, as TF Privacy and Opacus do; the process refuses
   devices below `min_client_examples`, so every device's rate is at most
   the accounted batch_size / min_client_examples. Other modes take the
@@ -134,8 +133,7 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
       x_all, y_all = _all_examples(data)
       gradients = _poisson_dp_gradients(
           model, trainable, x_all, y_all, per_example_loss_fn,
-          batch_size=batch_size, max_batch_size=max_batch_size,
-          l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+          batch_size=batch_size, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
           client_seed=client_seed)
       data = tf.data.Dataset.range(local_steps)
     else:
@@ -189,8 +187,8 @@ def _batch_gradients(model, trainable):
 
 
 def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
-                          *, batch_size, max_batch_size, l2_norm_clip,
-                          noise_multiplier, client_seed):
+                          *, batch_size, l2_norm_clip, noise_multiplier,
+                          client_seed):
   """DP-SGD gradients of one Poisson-sampled step (see `_build_client_update`)."""
   num_examples = tf.shape(y_all)[0]
   size = sum(v.shape.num_elements() for v in trainable)
@@ -201,7 +199,7 @@ def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
       losses = per_example_loss_fn(y, model.predict_on_batch(x, training=True))
     jacobians = tape.jacobian(losses, trainable, experimental_use_pfor=True)
     return tf.concat(
-        [tf.reshape(j, [max_batch_size, -1]) for j in jacobians], 1)
+        [tf.reshape(j, [tf.shape(indices)[0], -1]) for j in jacobians], 1)
 
   def gradients(step_element, step):
     del step_element
@@ -210,7 +208,7 @@ def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
     mean, _ = core.poisson_gaussian_average(
         rows_fn, num_examples=num_examples,
         sampling_rate=batch_size / tf.cast(num_examples, tf.float32),
-        max_batch=max_batch_size, size=size, l2_norm_clip=l2_norm_clip,
+        size=size, l2_norm_clip=l2_norm_clip,
         noise_multiplier=noise_multiplier, seed=step_seed)
     return core.unflatten(mean, trainable)
 
@@ -239,7 +237,7 @@ def build_dp_sparse_fed_avg_process(
     *, upload_density: float, download_density: float, privacy: Optional[str],
     l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
     clients_per_round: Optional[int], batch_size: Optional[int],
-    max_batch_size: Optional[int], local_steps: Optional[int],
+    local_steps: Optional[int],
     per_example_loss_fn, value_bits: int,
     history: int, shared_fraction: float, catch_up: str,
     catch_up_density: float,
@@ -286,7 +284,7 @@ def build_dp_sparse_fed_avg_process(
     return _build_client_update(
         model_fn, client_optimizer, privacy=privacy, k=k_up,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        batch_size=batch_size, max_batch_size=max_batch_size,
+        batch_size=batch_size,
         local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
         value_bits=value_bits, seed=seed)(weights, data, client_state,
                                           round_num, shared_indices)
@@ -548,7 +546,6 @@ def build_dp_sparse_fed_avg(
     batch_size: Optional[int] = None,
     local_steps: Optional[int] = None,
     min_client_examples: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
     per_example_loss_fn=None,
     value_bits: int = 32,
     history: int = 32,
@@ -580,9 +577,6 @@ def build_dp_sparse_fed_avg(
       hold. It sets the accounted sampling rate batch_size /
       min_client_examples, the largest any device uses, and `next` refuses
       a device holding fewer, before any work.
-    max_batch_size: example mode: rows per padded chunk of a Poisson batch
-      (`tds.core.default_max_batch(batch_size)` when None). A larger sample
-      takes more chunks; this changes cost only, never privacy.
     per_example_loss_fn: (y_true, y_pred) -> per-example losses, for example
       mode; default sparse categorical cross-entropy on logits.
     value_bits: 32, 16 or 8, the wire precision of values both ways: values are
@@ -643,10 +637,6 @@ def build_dp_sparse_fed_avg(
         raise ValueError(
             f'min_client_examples={min_client_examples} is below batch_size='
             f'{batch_size}: the sampling rate batch_size / n must be <= 1.')
-      if max_batch_size is None:
-        max_batch_size = core.default_max_batch(batch_size)
-      elif max_batch_size < 1:
-        raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}.')
       rate, steps_per_round = batch_size / min_client_examples, local_steps
     else:
       if not clients_per_round or not total_clients:
@@ -667,7 +657,7 @@ def build_dp_sparse_fed_avg(
       upload_density=upload_density, download_density=download_density,
       privacy=privacy, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
-      batch_size=batch_size, max_batch_size=max_batch_size,
+      batch_size=batch_size,
       local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
       value_bits=value_bits, history=history, shared_fraction=shared_fraction, catch_up=catch_up,
       catch_up_density=catch_up_density, seed=seed)
