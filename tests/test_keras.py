@@ -554,3 +554,92 @@ def test_stateless_or_frozen_layers_train(name):
   tds.keras.check_model(model)
   model.fit(x, y, batch_size=8, verbose=0)
   assert int(model.optimizer.iterations) == 2
+
+
+def _parity_model(kind, seed=3):
+  """Dense, Conv1D and Conv2D models with pooling, 'same' padding, strides."""
+  init = tf.keras.initializers.GlorotUniform(seed=seed)
+  layers = tf.keras.layers
+  bodies = {
+      'dense': ((6,), [layers.Dense(5, 'tanh', kernel_initializer=init)]),
+      'conv1d': ((16, 3), [
+          layers.Conv1D(4, 3, activation='relu', kernel_initializer=init),
+          layers.MaxPool1D(2),
+          layers.Conv1D(5, 3, padding='same', dilation_rate=2,
+                        activation='tanh', kernel_initializer=init),
+          layers.GlobalAveragePooling1D()]),
+      'conv2d': ((10, 9, 2), [
+          layers.Conv2D(4, 3, activation='relu', kernel_initializer=init),
+          layers.MaxPool2D(2),
+          layers.Conv2D(3, 2, strides=2, padding='same', activation='tanh',
+                        kernel_initializer=init),
+          layers.AveragePooling2D(1),
+          layers.Flatten()]),
+  }
+  shape, body = bodies[kind]
+  model = tf.keras.Sequential([layers.InputLayer(input_shape=shape), *body,
+                               layers.Dense(3, kernel_initializer=init)])
+  return model, shape
+
+
+class _JacobianPathModel(tf.keras.Sequential):
+  """Keras's train_step verbatim, but not Keras's: takes the jacobian path."""
+
+  def train_step(self, data):
+    x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      y_pred = self(x, training=True)
+      loss = self.compute_loss(x, y, y_pred, sample_weight)
+    self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
+    return self.compute_metrics(x, y, y_pred, sample_weight)
+
+
+def _jacobian_rows(model, x, y, weights):
+  with tf.GradientTape() as tape:
+    losses = _loss()(y, model(x, training=True), weights)
+  jacobians = tape.jacobian(losses, model.trainable_variables)
+  return tf.concat([tf.reshape(j, [len(x), -1]) for j in jacobians], 1)
+
+
+@pytest.mark.parametrize('kind', ['dense', 'conv1d', 'conv2d'])
+def test_fast_per_example_gradients_and_clipped_mean_equal_the_jacobian(kind):
+  model, shape = _parity_model(kind)
+  x, y = _data(n=8, shape=shape)
+  weights = np.array([1, 1, 0, 1, 1, 1, 1, 1], np.float32)
+  fast = tf.function(tds.keras.per_example_gradients)(
+      model, _loss(), model.trainable_variables, x, y, weights)
+  slow = _jacobian_rows(model, x, y, weights)
+  np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5)
+  assert np.all(fast[2] == 0)  # weight 0: nothing from that example
+  clip = 0.5 * float(np.median(np.linalg.norm(slow, axis=1)))  # clip active
+  means = [tds.core.gaussian_average(rows, clip, 0.0)[0]
+           for rows in (fast, slow)]
+  np.testing.assert_allclose(means[0], means[1], rtol=0, atol=1e-5)
+  assert all('convolution_op' not in vars(layer) for layer in model.layers)
+
+
+@pytest.mark.parametrize('kind', ['dense', 'conv1d', 'conv2d'])
+@pytest.mark.parametrize('num_microbatches', [None, 2])
+def test_fit_fast_path_equals_the_jacobian_path(kind, num_microbatches,
+                                                monkeypatch):
+  calls = []
+  fast_fn = tds.keras.per_example_gradients
+  monkeypatch.setattr(
+      tds.keras.optimizer.per_example, 'per_example_gradients',
+      lambda *args: calls.append(1) or fast_fn(*args))
+  x, y = _data(n=16, shape=_parity_model(kind)[1])
+  trained = []
+  for model_class in (tf.keras.Sequential, _JacobianPathModel):
+    model = model_class(_parity_model(kind)[0].layers)
+    model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.5), l2_norm_clip=0.1,
+                                num_microbatches=num_microbatches),
+                  loss=_loss())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    trained.append(_weights(model))
+    if model_class is tf.keras.Sequential:
+      assert calls, 'model.fit did not take the fast path'
+      calls.clear()
+  assert not calls  # an overridden train_step keeps the jacobian path
+  start = _weights(_parity_model(kind)[0])
+  assert np.abs(trained[0] - start).max() > 1e-3  # it did move
+  np.testing.assert_allclose(trained[0], trained[1], rtol=0, atol=1e-5)

@@ -1,6 +1,8 @@
 """Pure-TensorFlow core shared by every front: transforms and wire codec."""
 
 from tf_dpsparse.core import codec
+from tf_dpsparse.core.per_example import convolution
+from tf_dpsparse.core.per_example import per_example_gradients
 from tf_dpsparse.core.transforms import VALUE_BITS
 from tf_dpsparse.core.transforms import SparseUpdate
 from tf_dpsparse.core.transforms import add_gaussian_noise
@@ -26,9 +28,10 @@ from tf_dpsparse.core.transforms import unflatten
 __all__ = [
     'SparseUpdate', 'VALUE_BITS', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
-    'codec', 'default_max_batch', 'densify', 'flatten', 'fold_in_seed',
+    'codec', 'convolution', 'default_max_batch', 'densify', 'flatten', 'fold_in_seed',
     'gaussian_average',
-    'int8_block', 'k_for_density', 'padded_chunks', 'poisson_gaussian_average',
+    'int8_block', 'k_for_density', 'padded_chunks', 'per_example_gradients',
+    'poisson_gaussian_average',
     'poisson_sample', 'sparse_sync',
     'to_wire_precision', 'topk_with_error_feedback', 'unflatten'
 ]

@@ -12,7 +12,8 @@ nothing here re-implements clipping, noise, sampling or top-k.
 from tf_dpsparse.keras.callbacks import PrivacyCallback
 from tf_dpsparse.keras.model_check import check_model
 from tf_dpsparse.keras.optimizer import DPSparseOptimizer
+from tf_dpsparse.keras.per_example import per_example_gradients
 from tf_dpsparse.keras.sampling import poisson_batches
 
 __all__ = ['DPSparseOptimizer', 'PrivacyCallback', 'check_model',
-           'poisson_batches']
+           'per_example_gradients', 'poisson_batches']
