@@ -151,6 +151,42 @@ def _data(args) -> int:
   return 0
 
 
+def _audit(args) -> int:
+  from tf_dpsparse import audit_runs
+  setups = [s for s in audit_runs.default_setups(
+      quick=args.quick, large_epsilon=args.large_epsilon, seed=args.seed)
+            if s.unit in args.units]
+  command = ' '.join(['tf-dpsparse audit', *(['--quick'] if args.quick else
+                                             []), '--out', args.out])
+  results = audit_runs.run_audit(setups, args.out,
+                                 progress=not args.no_progress,
+                                 command=command)
+  print(audit_runs.summary_table(results))
+  print(f'\nwrote {args.out}/audit.json, audit.md, canaries.png')
+  return 0
+
+
+def _add_audit(sub) -> None:
+  audit = sub.add_parser(
+      'audit', help='empirical privacy audit: canaries, ε lower bounds, '
+      'membership inference',
+      description='Trains HAPT (example level) and MNIST (client level) at '
+      'ε = 8, at a large ε and without DP, with canaries, and measures the '
+      'leakage: the one-run ε lower bound (Steinke et al. 2023), the '
+      'one-shot ε estimate (Andrew et al. 2024), membership inference. '
+      'Writes audit.json, audit.md and canaries.png to --out.')
+  audit.add_argument('--quick', action='store_true',
+                     help='shorter runs, smaller MNIST population (minutes)')
+  audit.add_argument('--units', nargs='+', choices=('example', 'client'),
+                     default=['example', 'client'])
+  audit.add_argument('--large-epsilon', type=float, default=100.0,
+                     help='the large ε row that shows the audit\'s power')
+  audit.add_argument('--seed', type=int, default=0)
+  audit.add_argument('--out', default='runs/audit', help='output directory')
+  audit.add_argument('--no-progress', action='store_true')
+  audit.set_defaults(func=_audit)
+
+
 def _add_schedule(parser) -> None:
   parser.add_argument('--sampling-rate', '-q', type=float, required=True,
                       help='Poisson sampling rate per step (batch/dataset, or '
@@ -194,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                     '(default: a per-user split)')
   data.set_defaults(func=_data)
 
+  _add_audit(sub)
   sub.add_parser(  # flags parsed by benchmarks/paper_table.py; see main()
       'bench', add_help=False,
       help='the paper table: ours vs FedAvg, DP-FedAvg, 8-bit, DSSGD, '

@@ -87,6 +87,45 @@ def _shared_indices(dist_state, k_shared):
   return tf.gather(dist_state.last_indices, order)
 
 
+class AuditHooks(NamedTuple):
+  """Instruments for `tf-dpsparse audit` (`tf_dpsparse.audit_runs`), not devices.
+
+  - Canary clients (Andrew et al., "One-shot Empirical Privacy Estimation
+    for Federated Learning", ICLR 2024): a client whose id is >=
+    `canary_from` is a test instrument, not a device. Its trained update is
+    replaced by `canary_norm` * `canary_direction(id, size, canary_seed,
+    canary_k)` *before* error feedback, top-k, the client-level clip and
+    wire rounding, so the canary takes every path a real update takes.
+    `canary_k` coordinates (None: all) make a canary that top-k passes
+    whole, the strongest for a sparse upload. Client level or non-private
+    only (example-level canaries are examples in device data).
+  - `return_uploads`: each device's returned state also holds its upload
+    (`upload_indices`, `upload_values`), exactly what the server receives.
+    Under example-level DP the server is not trusted, so this grants the
+    auditor nothing the threat model does not.
+  Neither changes what a real device computes or sends.
+  """
+  canary_from: Optional[int] = None
+  canary_seed: int = 0
+  canary_norm: float = 1.0
+  canary_k: Optional[int] = None
+  return_uploads: bool = False
+
+
+def canary_direction(canary_id, size: int, seed: int,
+                     k: Optional[int] = None) -> tf.Tensor:
+  """Canary `canary_id`'s fixed direction: uniform on the unit sphere of R^size
+  (or of k random coordinates), from the stateless seed (seed, id), so the
+  auditor regenerates it after training, as Andrew et al. do."""
+  key = tf.stack([tf.constant(seed, tf.int64), tf.cast(canary_id, tf.int64)])
+  v = tf.random.stateless_normal([size], seed=key)
+  if k is not None and k < size:
+    keep = tf.math.top_k(tf.random.stateless_uniform([size], seed=key + 1),
+                         k=k).indices
+    v = tf.scatter_nd(keep[:, None], tf.gather(v, keep), [size])
+  return v / tf.norm(v)
+
+
 def _split_batch(batch):
   if isinstance(batch, Mapping):
     return batch['x'], batch['y']
@@ -103,7 +142,8 @@ def _all_examples(data):
 
 
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
-                         noise_multiplier, batch_size, local_steps, per_example_loss_fn, value_bits, seed):
+                         noise_multiplier, batch_size, local_steps, per_example_loss_fn, value_bits, seed,
+                         audit=AuditHooks()):
   """The device's round as a tf.function (builds its own model, as TFF does).
 
   It trains from `initial_weights` and returns the client state with the new
@@ -152,6 +192,11 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
                 reduce_fn)
     update = (core.flatten(initial_weights.trainable) -
               core.flatten(weights.trainable))
+    if audit.canary_from is not None:
+      update = tf.where(
+          client_state.client_id >= audit.canary_from, audit.canary_norm *
+          canary_direction(client_state.client_id, update.shape[0],
+                           audit.canary_seed, audit.canary_k), update)
     # Example level: `update` is DP-SGD output and the shared indices are the
     # last broadcast's, so every index chosen here is post-processing.
     # Client level: the clipped upload is only released inside the noised sum.
@@ -164,6 +209,9 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
                                      values=sparse.values)
     new_state = tff.structure.to_odict(client_state)
     new_state['residual'] = residual
+    if audit.return_uploads:
+      new_state['upload_indices'] = sparse.indices
+      new_state['upload_values'] = sparse.values
     metrics = collections.OrderedDict(
         loss=_training_loss(model, data if privacy != 'example' else
                             tf.data.Dataset.from_tensors((x_all, y_all))),
@@ -241,7 +289,8 @@ def build_dp_sparse_fed_avg_process(
     per_example_loss_fn, value_bits: int,
     history: int, shared_fraction: float, catch_up: str,
     catch_up_density: float,
-    seed: Optional[int]) -> tff.templates.IterativeProcess:
+    seed: Optional[int],
+    audit: AuditHooks = AuditHooks()) -> tff.templates.IterativeProcess:
   """The TFF iterative process; see `build_dp_sparse_fed_avg` for arguments."""
   with tf.Graph().as_default():
     model = model_fn()
@@ -286,8 +335,8 @@ def build_dp_sparse_fed_avg_process(
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
         batch_size=batch_size,
         local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
-        value_bits=value_bits, seed=seed)(weights, data, client_state,
-                                          round_num, shared_indices)
+        value_bits=value_bits, seed=seed, audit=audit)(
+            weights, data, client_state, round_num, shared_indices)
 
   dist_state_type = distributor.state_type.member
 
@@ -553,7 +602,8 @@ def build_dp_sparse_fed_avg(
     catch_up: str = 'union',
     catch_up_density: Optional[float] = None,
     accountant: str = 'rdp',
-    seed: Optional[int] = None) -> DPSparseFedAvg:
+    seed: Optional[int] = None,
+    audit: Optional[AuditHooks] = None) -> DPSparseFedAvg:
   """Builds bidirectional top-k federated averaging, DP at example or client level.
 
   Args:
@@ -598,6 +648,8 @@ def build_dp_sparse_fed_avg(
       sends values there, no indices, so their independent noise averages
       out; the rest is the device's own top-k. 0 is plain top-k.
     seed: fixes all noise (tests); OS entropy when None.
+    audit: `AuditHooks` for `tf-dpsparse audit` only (canary clients, uploads
+      returned in the client states); None in every real run.
 
   Example-level accounting is per device, worst case: a device taking part
   in every round, `local_steps` Poisson-sampled steps per round at rate
@@ -612,6 +664,10 @@ def build_dp_sparse_fed_avg(
                         ('download_density', download_density)):
     if not 0 < density <= 1:
       raise ValueError(f'{name} must be in (0, 1], got {density}.')
+  audit = audit or AuditHooks()
+  if audit.canary_from is not None and privacy == 'example':
+    raise ValueError('canary clients audit client-level DP; at example level '
+                     'the canaries are examples in device data.')
   if catch_up not in CATCH_UPS:
     raise ValueError(f'catch_up must be one of {CATCH_UPS}, got {catch_up!r}.')
   if catch_up_density is None:
@@ -660,7 +716,7 @@ def build_dp_sparse_fed_avg(
       batch_size=batch_size,
       local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
       value_bits=value_bits, history=history, shared_fraction=shared_fraction, catch_up=catch_up,
-      catch_up_density=catch_up_density, seed=seed)
+      catch_up_density=catch_up_density, seed=seed, audit=audit)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   return DPSparseFedAvg(
       process, size=size, upload_k=core.k_for_density(size, upload_density),

@@ -272,19 +272,24 @@ def one_shot_epsilon(inserted, held_out, delta: float) -> OneShotEstimate:
   return OneShotEstimate(eps, delta, *fit, inserted.size, held_out.size)
 
 
-def canary_directions(ids, size: int, seed: int) -> np.ndarray:
-  """Directions uniform on the unit sphere of R^size, one per canary id:
-  float32 [len(ids), size].
+def one_shot_interval(inserted, held_out, delta: float, level: float = 0.9,
+                      resamples: int = 200, seed: int = 0
+                      ) -> Tuple[float, float]:
+  """Percentile bootstrap interval of `one_shot_epsilon` at `level`.
 
-  Canary i depends only on (seed, i) (Andrew et al. seed each canary by its
-  id), so directions can be regenerated after training, in any chunks.
+  Resamples the inserted and the held-out statistics (each with
+  replacement, sizes kept) `resamples` times: the spread of the estimate
+  that comes from having finitely many canaries. Not a privacy guarantee.
   """
-  ids = np.asarray(ids, np.int64).ravel()
-  out = np.empty((ids.size, size), np.float32)
-  for row, i in enumerate(ids):
-    v = np.random.default_rng([seed, int(i)]).standard_normal(size)
-    out[row] = v / np.linalg.norm(v)
-  return out
+  inserted = np.asarray(inserted, np.float64)
+  held_out = np.asarray(held_out, np.float64)
+  rng = np.random.default_rng(seed)
+  estimates = [one_shot_epsilon(rng.choice(inserted, inserted.size),
+                                rng.choice(held_out, held_out.size),
+                                delta).epsilon for _ in range(resamples)]
+  tail = 50 * (1 - level)
+  low, high = np.percentile(estimates, [tail, 100 - tail])
+  return float(low), float(high)
 
 
 def cosines(vector, directions) -> np.ndarray:
