@@ -393,13 +393,16 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
       model_check.check_model(model)
     if step is None or callable(var_list):
       return super().minimize(loss, var_list, tape)
-    self._microbatch_losses(loss)  # validates the loss vector and batch
+    # Validates the loss vector and the batch; the control dependency runs
+    # the divisibility check before the rows are reshaped into microbatches.
+    checked = self._microbatch_losses(loss)
     var_list = list(var_list)
     rows = per_example.per_example_gradients(
         model, model.loss, var_list, step['x'], step['y'],
         step['sample_weight'])
-    self.apply_gradients(self._private_gradients(
-        self._microbatch_rows(rows), loss, var_list))
+    with tf.control_dependencies([checked]):
+      rows = self._microbatch_rows(rows)
+    self.apply_gradients(self._private_gradients(rows, loss, var_list))
 
   def apply_gradients(self, grads_and_vars, name=None):
     """Applies the top-k of gradients + residual with the inner optimizer.
