@@ -29,6 +29,7 @@ ledger, which refuses a round over budget before any work is done.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -44,6 +45,7 @@ from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.distributor import build_sparse_distributor
 from tf_dpsparse.federated.distributor import catch_up_nbytes
 from tf_dpsparse.federated.distributor import topk_catch_up
+from tf_dpsparse.keras import per_example as keras_per_example
 
 CATCH_UPS = ('union', 'topk')
 
@@ -237,17 +239,28 @@ def _batch_gradients(model, trainable):
 def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
                           *, batch_size, l2_norm_clip, noise_multiplier,
                           client_seed):
-  """DP-SGD gradients of one Poisson-sampled step (see `_build_client_update`)."""
+  """DP-SGD gradients of one Poisson-sampled step (see `_build_client_update`).
+
+  Each sampled example's gradient comes from the model run on that example
+  alone (`tds.core.per_example_gradients`, vectorized), so clipping a row
+  bounds exactly one example's contribution; a model from
+  `tff.learning.models.from_keras_model` also gets its convolutions' kernel
+  gradients vectorized (`tds.keras.per_example.vectorizable_convolutions`).
+  """
   num_examples = tf.shape(y_all)[0]
   size = sum(v.shape.num_elements() for v in trainable)
+  # TFF's Keras wrapper exposes no public accessor for its Keras model.
+  keras_model = getattr(model, '_keras_model', None)
+
+  def losses(batch):
+    return per_example_loss_fn(batch[1],
+                               model.predict_on_batch(batch[0], training=True))
 
   def rows_fn(indices):
-    x, y = tf.gather(x_all, indices), tf.gather(y_all, indices)
-    with tf.GradientTape() as tape:
-      losses = per_example_loss_fn(y, model.predict_on_batch(x, training=True))
-    jacobians = tape.jacobian(losses, trainable, experimental_use_pfor=True)
-    return tf.concat(
-        [tf.reshape(j, [tf.shape(indices)[0], -1]) for j in jacobians], 1)
+    examples = (tf.gather(x_all, indices), tf.gather(y_all, indices))
+    with (keras_per_example.vectorizable_convolutions(keras_model)
+          if keras_model is not None else contextlib.nullcontext()):
+      return core.per_example_gradients(losses, trainable, examples)
 
   def gradients(step_element, step):
     del step_element
@@ -470,9 +483,15 @@ def _field(name, struct_type):
 
 def num_examples(dataset: tf.data.Dataset) -> int:
   """Examples in a client dataset of (x, y) batches, as TFF models take."""
-  return int(dataset.reduce(
-      np.int64(0), lambda n, batch: n + tf.shape(
-          _split_batch(batch)[1], out_type=tf.int64)[0]))
+  return int(_count_examples(dataset))
+
+
+@tf.function
+def _count_examples(dataset):
+  # A tf.function traces once per dataset structure: an eager `reduce` would
+  # trace anew for every device of every round.
+  return dataset.reduce(np.int64(0), lambda n, batch: n + tf.shape(
+      _split_batch(batch)[1], out_type=tf.int64)[0])
 
 
 def _check_client_sizes(client_data, min_client_examples: int) -> None:
