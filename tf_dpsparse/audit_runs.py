@@ -89,27 +89,6 @@ def default_setups(quick: bool = False, large_epsilon: float = LARGE_EPSILON,
   return setups
 
 
-def _model_fns(fed, seed: int):
-  """(keras_model, model_fn) for `fed`, as `simulation.run` builds them."""
-  import tensorflow as tf
-  import tensorflow_federated as tff
-  from tf_dpsparse import models
-  input_shape = fed.element_spec[0].shape
-
-  def keras_model():
-    return models.build_model(input_shape, fed.num_classes, seed=seed)
-
-  spec = (tf.TensorSpec([None, *input_shape], tf.float32),
-          tf.TensorSpec([None], tf.int32))
-
-  def model_fn():
-    return tff.learning.models.from_keras_model(
-        keras_model(), input_spec=spec,
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-
-  return keras_model, model_fn
-
-
 def _build_process(config, model_fn, *, total_clients, min_examples, hooks):
   """`build_dp_sparse_fed_avg` with the set-up's arguments and audit hooks."""
   import tensorflow_federated as tff
@@ -275,6 +254,7 @@ def _upload_scorer(keras_model, process, canaries):
 
 def _example_audit(setup: AuditSetup, progress: bool) -> dict:
   """Steinke et al.'s one-run audit of example-level DP (module docstring)."""
+  from tf_dpsparse.federated import simulation
   from tf_dpsparse.federated.learning import AuditHooks
   config = setup.config
   rng = np.random.default_rng(config.seed + 1)
@@ -284,7 +264,7 @@ def _example_audit(setup: AuditSetup, progress: bool) -> dict:
       fed, setup.num_canaries or len(ids) * fed.num_classes,
       setup.canary_scale, rng)
   cx, cy, included, owner = canaries
-  keras_model, model_fn = _model_fns(fed, config.seed)
+  keras_model, model_fn = simulation.model_fns(fed, config.seed)
   process = _build_process(config, model_fn, total_clients=len(ids),
                            min_examples=min(fed.client_sizes.values()),
                            hooks=AuditHooks(return_uploads=True))
@@ -316,6 +296,7 @@ def _client_audit(setup: AuditSetup, progress: bool) -> dict:
   they do under DP-FedAvg's accounting.
   """
   from tf_dpsparse import core
+  from tf_dpsparse.federated import simulation
   from tf_dpsparse.federated.learning import AuditHooks
   from tf_dpsparse.federated.learning import canary_direction
   config = setup.config
@@ -323,7 +304,7 @@ def _client_audit(setup: AuditSetup, progress: bool) -> dict:
   fed = _load(config)
   ids, m = fed.client_ids, setup.num_canaries
   included = rng.random(m) < 0.5
-  keras_model, model_fn = _model_fns(fed, config.seed)
+  keras_model, model_fn = simulation.model_fns(fed, config.seed)
   initial = core.flatten(keras_model().trainable_weights).numpy()
   seed, k = int(rng.integers(2**31)), core.k_for_density(
       initial.size, config.upload_density)

@@ -99,6 +99,25 @@ def _client_dataset(fed, client_id, config, rng):
       config.batch_size).take(config.local_steps)
 
 
+def model_fns(fed, seed: int):
+  """`(keras_model, model_fn)`: the data set's model (`tds.models`), seeded,
+  as a Keras model and as the TFF model `build_dp_sparse_fed_avg` takes."""
+  input_shape = fed.element_spec[0].shape
+
+  def keras_model():
+    return models.build_model(input_shape, fed.num_classes, seed=seed)
+
+  input_spec = (tf.TensorSpec([None, *input_shape], tf.float32),
+                tf.TensorSpec([None], tf.int32))
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        keras_model(), input_spec=input_spec,
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+  return keras_model, model_fn
+
+
 def run(config: RunConfig, *, progress: bool = True,
         label: Optional[str] = None,
         builder: Callable = build_dp_sparse_fed_avg) -> dict:
@@ -117,19 +136,8 @@ def run(config: RunConfig, *, progress: bool = True,
     raise ValueError(f'clients_per_round={per_round} but the dataset has '
                      f'{total} clients.')
   x_test, y_test = fed.test_arrays()
-  input_shape = fed.element_spec[0].shape
   min_examples = min(fed.client_sizes.values())
-
-  def keras_model():
-    return models.build_model(input_shape, fed.num_classes, seed=config.seed)
-
-  input_spec = (tf.TensorSpec([None, *input_shape], tf.float32),
-                tf.TensorSpec([None], tf.int32))
-
-  def model_fn():
-    return tff.learning.models.from_keras_model(
-        keras_model(), input_spec=input_spec,
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  keras_model, model_fn = model_fns(fed, config.seed)
 
   private = config.privacy is not None
   process = builder(
