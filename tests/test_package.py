@@ -1,6 +1,7 @@
 """Packaging contracts: lazy TFF, no orphaned TFF worker, the CLI."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,8 +23,10 @@ def _python(code, timeout=240):
   try:
     out, err = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
+    orphans = _workers.worker_pids(proc.pid)  # before they lose their parent
     proc.kill()
-    subprocess.run(['pkill', '-f', 'worker_binary'], check=False)
+    for pid in orphans:
+      os.kill(pid, signal.SIGKILL)
     pytest.fail('a child process held the pipes open past exit '
                 '(orphaned TFF worker?)')
   assert proc.returncode == 0, err

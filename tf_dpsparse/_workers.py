@@ -20,15 +20,14 @@ import atexit
 import os
 import signal
 import time
-from typing import List
+from typing import List, Optional
 
 _WORKER_NAME = 'worker_binary'
 
 
-def _children() -> List[int]:
-  """PIDs of this process's direct children (Linux /proc)."""
+def _children(parent: int) -> List[int]:
+  """PIDs of `parent`'s direct children (Linux /proc)."""
   children = []
-  me = os.getpid()
   for entry in os.listdir('/proc'):
     if not entry.isdigit():
       continue
@@ -39,7 +38,7 @@ def _children() -> List[int]:
       continue
     # Field 4 (ppid) follows the parenthesized command name.
     fields = stat[stat.rfind(')') + 2:].split()
-    if len(fields) > 1 and int(fields[1]) == me:
+    if len(fields) > 1 and int(fields[1]) == parent:
       children.append(int(entry))
   return children
 
@@ -52,11 +51,12 @@ def _is_worker(pid: int) -> bool:
     return False
 
 
-def worker_pids() -> List[int]:
-  """TFF worker processes that are children of this process."""
+def worker_pids(parent: Optional[int] = None) -> List[int]:
+  """TFF worker processes that are children of `parent` (default: this one)."""
   if not os.path.isdir('/proc'):
     return []
-  return [pid for pid in _children() if _is_worker(pid)]
+  parent = os.getpid() if parent is None else parent
+  return [pid for pid in _children(parent) if _is_worker(pid)]
 
 
 def stop_workers(timeout: float = 5.0) -> bool:
