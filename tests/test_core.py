@@ -332,11 +332,12 @@ def test_an_empty_poisson_sample_still_releases_the_noise():
   assert np.all(average.numpy() != 0)  # N(0, 4) / 1e-8, never exactly 0
 
 
-def test_gaussian_average_denominator_and_row_mask():
+def test_gaussian_average_denominator_and_clipped_sum_row_mask():
   rows = tf.constant([[3.0, 4.0], [1.0, 0.0], [9.0, 9.0]])
   mask = tf.constant([True, True, False])
-  average, _ = tds.core.gaussian_average(rows, 1.0, 0.0, denominator=4,
-                                         row_mask=mask)
+  total, _ = tds.core.clipped_sum(rows, 1.0, mask)
+  np.testing.assert_allclose(total, [0.6 + 1.0, 0.8], rtol=1e-6)
+  average, _ = tds.core.gaussian_average(rows[:2], 1.0, 0.0, denominator=4)
   np.testing.assert_allclose(average, [(0.6 + 1.0) / 4, 0.8 / 4], rtol=1e-6)
 
 

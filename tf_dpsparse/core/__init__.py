@@ -17,6 +17,7 @@ from tf_dpsparse.core.transforms import fold_in_seed
 from tf_dpsparse.core.transforms import gaussian_average
 from tf_dpsparse.core.transforms import int8_block
 from tf_dpsparse.core.transforms import k_for_density
+from tf_dpsparse.core.transforms import noised_average
 from tf_dpsparse.core.transforms import padded_chunks
 from tf_dpsparse.core.transforms import poisson_gaussian_average
 from tf_dpsparse.core.transforms import poisson_sample
@@ -28,10 +29,9 @@ from tf_dpsparse.core.transforms import unflatten
 __all__ = [
     'SparseUpdate', 'VALUE_BITS', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
-    'codec', 'convolution', 'default_max_batch', 'densify', 'flatten', 'fold_in_seed',
-    'gaussian_average',
-    'int8_block', 'k_for_density', 'padded_chunks', 'per_example_gradients',
-    'poisson_gaussian_average',
-    'poisson_sample', 'sparse_sync',
+    'codec', 'convolution', 'default_max_batch', 'densify', 'flatten',
+    'fold_in_seed', 'gaussian_average', 'int8_block', 'k_for_density',
+    'noised_average', 'padded_chunks', 'per_example_gradients',
+    'poisson_gaussian_average', 'poisson_sample', 'sparse_sync',
     'to_wire_precision', 'topk_with_error_feedback', 'unflatten'
 ]

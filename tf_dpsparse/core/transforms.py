@@ -100,28 +100,38 @@ def clip_rows_by_l2_norm(rows: tf.Tensor, clip) -> Tuple[tf.Tensor, tf.Tensor]:
 
 
 def gaussian_average(rows: tf.Tensor, l2_norm_clip, noise_multiplier,
-                     seed: SeedLike = None, *, denominator=None,
-                     row_mask: Optional[tf.Tensor] = None
+                     seed: SeedLike = None, *, denominator=None
                      ) -> Tuple[tf.Tensor, tf.Tensor]:
   """DP-SGD's private mean of per-example (or per-microbatch) flat gradients.
 
-  Clips every row to `l2_norm_clip`, sums, adds N(0, (noise_multiplier *
-  l2_norm_clip)^2) once to the sum and divides by `denominator`: the sampled
-  Gaussian mechanism with sensitivity `l2_norm_clip` under add/remove of one
-  row. The denominator must not depend on the data: the number of rows of a
-  fixed-size batch (the default), or the *expected* batch size q * n under
-  Poisson sampling, never the realized count of a Poisson batch (which is
-  data-dependent and would leak through the scale). `row_mask` (bool [rows])
-  drops padding rows of a batch padded to a static shape. Returns
-  `(average, norms)`.
+  Clips every row to `l2_norm_clip`, sums, and `noised_average`s the sum:
+  the sampled Gaussian mechanism with sensitivity `l2_norm_clip` under
+  add/remove of one row. `denominator` defaults to the number of rows, the
+  public size of a fixed-size batch; under Poisson sampling pass the
+  expected batch size. Returns `(average, norms)`.
   """
   if isinstance(noise_multiplier, (int, float)) and noise_multiplier < 0:
     raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
-  total, norms = clipped_sum(rows, l2_norm_clip, row_mask)
-  total = add_gaussian_noise(total, noise_multiplier * l2_norm_clip, seed)
+  total, norms = clipped_sum(rows, l2_norm_clip)
   if denominator is None:
     denominator = tf.shape(rows)[0]
-  return total / tf.cast(denominator, total.dtype), norms
+  return noised_average(total, l2_norm_clip, noise_multiplier, denominator,
+                        seed), norms
+
+
+def noised_average(clipped_total: tf.Tensor, l2_norm_clip, noise_multiplier,
+                   denominator, seed: SeedLike = None) -> tf.Tensor:
+  """Adds N(0, (noise_multiplier * l2_norm_clip)^2) once to a clipped sum and
+  divides by `denominator`.
+
+  The denominator must not depend on the data: the number of rows of a
+  fixed-size batch, or the *expected* batch size q * n under Poisson
+  sampling, never the realized count of a Poisson batch (data-dependent, it
+  would leak through the scale).
+  """
+  noised = add_gaussian_noise(clipped_total, noise_multiplier * l2_norm_clip,
+                              seed)
+  return noised / tf.cast(denominator, noised.dtype)
 
 
 def clipped_sum(rows: tf.Tensor, l2_norm_clip,
@@ -178,9 +188,8 @@ def padded_chunks(indices: tf.Tensor,
 def default_max_batch(batch_size: int) -> int:
   """Rows per padded chunk of a Poisson batch at static shapes (TFLite).
 
-  A second chunk 1 step in 20: a Poisson batch of expected size b holds
-  about Poisson(b) examples. Each chunk costs a vectorized pass of its rows
-  plus a fixed overhead, so the
+  A Poisson batch of expected size b holds about Poisson(b) examples. Each
+  chunk costs a vectorized pass of its rows plus a fixed overhead, so the
   chunk is the 95 % quantile of Poisson(b) (23 at b = 16): padding stays
   moderate and a larger sample, 1 step in 20, takes one more chunk. It
   changes cost only, never privacy (`padded_chunks` never truncates).
@@ -225,10 +234,9 @@ def poisson_gaussian_average(rows_fn, *, num_examples, sampling_rate,
   total = tf.cond(tf.size(indices) > 0,
                   lambda: clipped_sum(rows_fn(indices), l2_norm_clip)[0],
                   lambda: tf.zeros([size]))
-  total = add_gaussian_noise(total, noise_multiplier * l2_norm_clip,
-                             noise_seed)
   expected = sampling_rate * tf.cast(num_examples, tf.float32)
-  return total / expected, tf.size(indices)
+  return noised_average(total, l2_norm_clip, noise_multiplier, expected,
+                        noise_seed), tf.size(indices)
 
 
 def _stateless_seed(seed) -> tf.Tensor:

@@ -151,9 +151,9 @@ class _ClientModule(tf.Module):
 
   def _step(self):
     self._seed_graph()  # noise
-    noised = core.add_gaussian_noise(self._accumulator.read_value(),
-                                     self._noise_multiplier * self._clip)
-    mean = noised / self._batch_size  # the expected batch size, q * n
+    mean = core.noised_average(  # over the expected batch size, q * n
+        self._accumulator.read_value(), self._clip, self._noise_multiplier,
+        self._batch_size)
     for p, g in zip(self._params, core.unflatten(mean, self._params)):
       p.assign_sub(self._learning_rate * g)
     self._accumulator.assign(tf.zeros([self._size]))
