@@ -144,7 +144,8 @@ def _all_examples(data):
 
 
 def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
-                         noise_multiplier, batch_size, local_steps, per_example_loss_fn, value_bits, seed,
+                         noise_multiplier, batch_size, local_steps,
+                         per_example_loss_fn, value_bits, seed,
                          audit=AuditHooks()):
   """The device's round as a tf.function (builds its own model, as TFF does).
 
@@ -153,11 +154,11 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
   DP-SGD steps, each on a Poisson sample of the device's n examples at rate
   batch_size / n (`core.poisson_gaussian_average`: every example joins
   independently, the noised sum is divided by the expected batch size
-  batch_size, and nothing is truncated). n is
-  treated as public, as TF Privacy and Opacus do; the process refuses
-  devices below `min_client_examples`, so every device's rate is at most
-  the accounted batch_size / min_client_examples. Other modes take the
-  caller's batches, `local_steps` of them at most.
+  batch_size, and nothing is truncated). n is treated as public, as TF
+  Privacy and Opacus do; the process refuses devices below
+  `min_client_examples`, so every device's rate is at most the accounted
+  batch_size / min_client_examples. Other modes take the caller's batches,
+  `local_steps` of them at most.
   """
   model = model_fn()
 
@@ -175,30 +176,16 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
       x_all, y_all = _all_examples(data)
       gradients = _poisson_dp_gradients(
           model, trainable, x_all, y_all, per_example_loss_fn,
-          batch_size=batch_size, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-          client_seed=client_seed)
-      data = tf.data.Dataset.range(local_steps)
+          batch_size=batch_size, l2_norm_clip=l2_norm_clip,
+          noise_multiplier=noise_multiplier, client_seed=client_seed)
+      steps = tf.data.Dataset.range(local_steps)
+      data = tf.data.Dataset.from_tensors((x_all, y_all))  # for the metric
     else:
-      gradients = _batch_gradients(model, trainable)
-
-    @tf.autograph.experimental.do_not_convert
-    def reduce_fn(loop_state, element):
-      step, opt_state = loop_state
-      grads = gradients(element, step)
-      opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
-      tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
-      return step + 1, opt_state
-
-    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-    data.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)),
-                reduce_fn)
-    update = (core.flatten(initial_weights.trainable) -
-              core.flatten(weights.trainable))
-    if audit.canary_from is not None:
-      update = tf.where(
-          client_state.client_id >= audit.canary_from, audit.canary_norm *
-          canary_direction(client_state.client_id, update.shape[0],
-                           audit.canary_seed, audit.canary_k), update)
+      gradients, steps = _batch_gradients(model, trainable), data
+    _train(optimizer, trainable, steps, gradients)
+    update = _canary_or(audit, client_state.client_id,
+                        core.flatten(initial_weights.trainable) -
+                        core.flatten(weights.trainable))
     # Example level: `update` is DP-SGD output and the shared indices are the
     # last broadcast's, so every index chosen here is post-processing.
     # Client level: the clipped upload is only released inside the noised sum.
@@ -215,13 +202,38 @@ def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
       new_state['upload_indices'] = sparse.indices
       new_state['upload_values'] = sparse.values
     metrics = collections.OrderedDict(
-        loss=_training_loss(model, data if privacy != 'example' else
-                            tf.data.Dataset.from_tensors((x_all, y_all))),
+        loss=_training_loss(model, data),
         clipped=tf.cast(clipped, tf.float32),
         residual_norm=tf.norm(residual))
     return upload, new_state, metrics
 
   return client_update
+
+
+def _train(optimizer, trainable, steps: tf.data.Dataset, gradients) -> None:
+  """One optimizer step per element of `steps` (a batch, or a step index)."""
+
+  @tf.autograph.experimental.do_not_convert
+  def reduce_fn(loop_state, element):
+    step, opt_state = loop_state
+    grads = gradients(element, step)
+    opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
+    tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
+    return step + 1, opt_state
+
+  specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+  steps.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)),
+               reduce_fn)
+
+
+def _canary_or(audit: AuditHooks, client_id, update):
+  """`update`, or for an audit's canary client its fixed direction."""
+  if audit.canary_from is None:
+    return update
+  return tf.where(
+      client_id >= audit.canary_from, audit.canary_norm *
+      canary_direction(client_id, update.shape[0], audit.canary_seed,
+                       audit.canary_k), update)
 
 
 def _batch_gradients(model, trainable):
@@ -298,8 +310,7 @@ def build_dp_sparse_fed_avg_process(
     *, upload_density: float, download_density: float, privacy: Optional[str],
     l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
     clients_per_round: Optional[int], batch_size: Optional[int],
-    local_steps: Optional[int],
-    per_example_loss_fn, value_bits: int,
+    local_steps: Optional[int], per_example_loss_fn, value_bits: int,
     history: int, shared_fraction: float, catch_up: str,
     catch_up_density: float,
     seed: Optional[int],
@@ -346,9 +357,9 @@ def build_dp_sparse_fed_avg_process(
     return _build_client_update(
         model_fn, client_optimizer, privacy=privacy, k=k_up,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        batch_size=batch_size,
-        local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
-        value_bits=value_bits, seed=seed, audit=audit)(
+        batch_size=batch_size, local_steps=local_steps,
+        per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
+        seed=seed, audit=audit)(
             weights, data, client_state, round_num, shared_indices)
 
   dist_state_type = distributor.state_type.member
@@ -596,6 +607,35 @@ class DPSparseFedAvg:
     return np.asarray(state['distributor']['public'])
 
 
+def _accounted_sampling(privacy: str, *, batch_size, local_steps,
+                        min_client_examples, clients_per_round,
+                        total_clients) -> tuple:
+  """`(sampling_rate, steps_per_round)` that the accountant charges.
+
+  Example level: `local_steps` Poisson steps at the largest rate any
+  admitted device uses, batch_size / min_client_examples. Client level: one
+  release per round, devices Poisson-sampled at clients_per_round /
+  total_clients.
+  """
+  if privacy == 'example':
+    for name, value in (('batch_size', batch_size),
+                        ('local_steps', local_steps),
+                        ('min_client_examples', min_client_examples)):
+      if value is None or value < 1:
+        raise ValueError(f"privacy='example' needs {name} >= 1.")
+    if min_client_examples < batch_size:
+      raise ValueError(
+          f'min_client_examples={min_client_examples} is below batch_size='
+          f'{batch_size}: the sampling rate batch_size / n must be <= 1.')
+    return batch_size / min_client_examples, local_steps
+  if not clients_per_round or not total_clients:
+    raise ValueError("privacy='client' needs clients_per_round and "
+                     'total_clients.')
+  if clients_per_round > total_clients:
+    raise ValueError('clients_per_round exceeds total_clients.')
+  return clients_per_round / total_clients, 1
+
+
 def build_dp_sparse_fed_avg(
     model_fn: Callable[[], tff.learning.models.VariableModel],
     client_optimizer_fn: tff.learning.optimizers.Optimizer,
@@ -702,24 +742,10 @@ def build_dp_sparse_fed_avg(
   if privacy is not None:
     if l2_norm_clip is None or not l2_norm_clip > 0:
       raise ValueError(f'privacy={privacy!r} needs l2_norm_clip > 0.')
-    if privacy == 'example':
-      for name, value in (('batch_size', batch_size),
-                          ('local_steps', local_steps),
-                          ('min_client_examples', min_client_examples)):
-        if value is None or value < 1:
-          raise ValueError(f"privacy='example' needs {name} >= 1.")
-      if min_client_examples < batch_size:
-        raise ValueError(
-            f'min_client_examples={min_client_examples} is below batch_size='
-            f'{batch_size}: the sampling rate batch_size / n must be <= 1.')
-      rate, steps_per_round = batch_size / min_client_examples, local_steps
-    else:
-      if not clients_per_round or not total_clients:
-        raise ValueError("privacy='client' needs clients_per_round and "
-                         'total_clients.')
-      if clients_per_round > total_clients:
-        raise ValueError('clients_per_round exceeds total_clients.')
-      rate, steps_per_round = clients_per_round / total_clients, 1
+    rate, steps_per_round = _accounted_sampling(
+        privacy, batch_size=batch_size, local_steps=local_steps,
+        min_client_examples=min_client_examples,
+        clients_per_round=clients_per_round, total_clients=total_clients)
     noise_multiplier, round_event, ledger = privacy_lib.round_privacy(
         sampling_rate=rate, delta=delta, steps_per_round=steps_per_round,
         noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
@@ -732,9 +758,9 @@ def build_dp_sparse_fed_avg(
       upload_density=upload_density, download_density=download_density,
       privacy=privacy, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
-      batch_size=batch_size,
-      local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
-      value_bits=value_bits, history=history, shared_fraction=shared_fraction, catch_up=catch_up,
+      batch_size=batch_size, local_steps=local_steps,
+      per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
+      history=history, shared_fraction=shared_fraction, catch_up=catch_up,
       catch_up_density=catch_up_density, seed=seed, audit=audit)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   return DPSparseFedAvg(
@@ -742,5 +768,5 @@ def build_dp_sparse_fed_avg(
       download_k=core.k_for_density(size, download_density),
       catch_up=catch_up, privacy=privacy,
       noise_multiplier=noise_multiplier, round_event=round_event,
-      ledger=ledger,
-      min_client_examples=min_client_examples if privacy == 'example' else None)
+      ledger=ledger, min_client_examples=(
+          min_client_examples if privacy == 'example' else None))
