@@ -29,7 +29,6 @@ ledger, which refuses a round over budget before any work is done.
 from __future__ import annotations
 
 import collections
-import contextlib
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -255,24 +254,25 @@ def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
 
   Each sampled example's gradient comes from the model run on that example
   alone (`tds.core.per_example_gradients`, vectorized), so clipping a row
-  bounds exactly one example's contribution; a model from
-  `tff.learning.models.from_keras_model` also gets its convolutions' kernel
-  gradients vectorized (`tds.keras.per_example.vectorizable_convolutions`).
+  bounds exactly one example's contribution. A model from
+  `tff.learning.models.from_keras_model` goes through the Keras front's
+  `per_example_gradients` (its convolutions' kernel gradients vectorized);
+  its `predict_on_batch` is that Keras model's call.
   """
   num_examples = tf.shape(y_all)[0]
   size = sum(v.shape.num_elements() for v in trainable)
   # TFF's Keras wrapper exposes no public accessor for its Keras model.
   keras_model = getattr(model, '_keras_model', None)
 
-  def losses(batch):
-    return per_example_loss_fn(batch[1],
-                               model.predict_on_batch(batch[0], training=True))
-
   def rows_fn(indices):
-    examples = (tf.gather(x_all, indices), tf.gather(y_all, indices))
-    with (keras_per_example.vectorizable_convolutions(keras_model)
-          if keras_model is not None else contextlib.nullcontext()):
-      return core.per_example_gradients(losses, trainable, examples)
+    x, y = tf.gather(x_all, indices), tf.gather(y_all, indices)
+    if keras_model is not None:
+      return keras_per_example.per_example_gradients(
+          keras_model, per_example_loss_fn, trainable, x, y)
+    return core.per_example_gradients(
+        lambda batch: per_example_loss_fn(
+            batch[1], model.predict_on_batch(batch[0], training=True)),
+        trainable, (x, y))
 
   def gradients(step_element, step):
     del step_element
