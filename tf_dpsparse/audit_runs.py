@@ -89,37 +89,12 @@ def default_setups(quick: bool = False, large_epsilon: float = LARGE_EPSILON,
   return setups
 
 
-def _build_process(config, model_fn, *, total_clients, min_examples, hooks):
-  """`build_dp_sparse_fed_avg` with the set-up's arguments and audit hooks."""
-  import tensorflow_federated as tff
-  from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
-  private = config.privacy is not None
-  return build_dp_sparse_fed_avg(
-      model_fn, tff.learning.optimizers.build_sgdm(config.client_learning_rate),
-      tff.learning.optimizers.build_sgdm(config.server_learning_rate),
-      upload_density=config.upload_density,
-      download_density=config.download_density, privacy=config.privacy,
-      l2_norm_clip=config.l2_norm_clip if private else None,
-      noise_multiplier=config.noise_multiplier if private else None,
-      target_epsilon=config.target_epsilon if private else None,
-      delta=config.delta,
-      clients_per_round=config.clients_per_round or total_clients,
-      total_clients=total_clients, rounds=config.rounds,
-      batch_size=config.batch_size, local_steps=config.local_steps,
-      min_client_examples=min_examples, value_bits=config.value_bits,
-      shared_fraction=config.shared_fraction, catch_up=config.catch_up,
-      catch_up_density=config.catch_up_density, audit=hooks)
-
-
 def _device_dataset(x, y, config, rng):
-  """A device's data as the process takes it (as `simulation.run` passes it):
-  all of it for example-level Poisson sampling, else `local_steps` batches."""
+  """A device's arrays as `simulation.run` passes a device's data."""
   import tensorflow as tf
-  ds = tf.data.Dataset.from_tensor_slices((x, y))
-  if config.privacy == 'example':
-    return ds.batch(config.batch_size)
-  return ds.shuffle(max(len(y), 1), seed=int(rng.integers(2**31))).repeat(
-  ).batch(config.batch_size).take(config.local_steps)
+  from tf_dpsparse.federated import simulation
+  return simulation.device_dataset(tf.data.Dataset.from_tensor_slices((x, y)),
+                                   len(y), config, rng)
 
 
 def _train(process, config, num_states: int, sample: Callable,
@@ -173,16 +148,6 @@ def _real_data_mia(keras_model, fed, rng) -> tuple:
                                            y_test[test]))
   logits = keras_model.predict(x_test, batch_size=1024, verbose=0)
   return mia, float(np.mean(np.argmax(logits, 1) == y_test))
-
-
-def _load(config):
-  """The set-up's federated data (as `simulation.run` loads it)."""
-  from tf_dpsparse import data as data_lib
-  if config.dataset == 'hapt':
-    return data_lib.load('hapt', seed=config.seed)
-  return data_lib.load(config.dataset, num_clients=config.num_clients or 100,
-                       partition=config.partition, alpha=config.alpha,
-                       seed=config.seed)
 
 
 def _canary_examples(fed, num: int, scale: float, rng):
@@ -258,16 +223,17 @@ def _example_audit(setup: AuditSetup, progress: bool) -> dict:
   from tf_dpsparse.federated.learning import AuditHooks
   config = setup.config
   rng = np.random.default_rng(config.seed + 1)
-  fed = _load(config)
+  fed = simulation.load_data(config)
   ids = fed.client_ids
   canaries = _canary_examples(
       fed, setup.num_canaries or len(ids) * fed.num_classes,
       setup.canary_scale, rng)
   cx, cy, included, owner = canaries
   keras_model, model_fn = simulation.model_fns(fed, config.seed)
-  process = _build_process(config, model_fn, total_clients=len(ids),
-                           min_examples=min(fed.client_sizes.values()),
-                           hooks=AuditHooks(return_uploads=True))
+  process = simulation.build_process(
+      config, model_fn, total_clients=len(ids),
+      min_client_examples=min(fed.client_sizes.values()),
+      audit=AuditHooks(return_uploads=True))
   arrays = []
   for device, cid in enumerate(ids):
     x, y = fed.client_arrays(cid)
@@ -301,7 +267,7 @@ def _client_audit(setup: AuditSetup, progress: bool) -> dict:
   from tf_dpsparse.federated.learning import canary_direction
   config = setup.config
   rng = np.random.default_rng(config.seed + 1)
-  fed = _load(config)
+  fed = simulation.load_data(config)
   ids, m = fed.client_ids, setup.num_canaries
   included = rng.random(m) < 0.5
   keras_model, model_fn = simulation.model_fns(fed, config.seed)
@@ -310,8 +276,8 @@ def _client_audit(setup: AuditSetup, progress: bool) -> dict:
       initial.size, config.upload_density)
   hooks = AuditHooks(canary_from=len(ids), canary_seed=seed,
                      canary_norm=setup.canary_scale, canary_k=k)
-  process = _build_process(config, model_fn, total_clients=len(ids),
-                           min_examples=None, hooks=hooks)
+  process = simulation.build_process(config, model_fn, total_clients=len(ids),
+                                     min_client_examples=None, audit=hooks)
   population = np.concatenate([np.arange(len(ids)),
                                len(ids) + np.flatnonzero(included)])
   rate = (config.clients_per_round or len(ids)) / len(ids)

@@ -83,7 +83,8 @@ class RunConfig:
                                shared_fraction=0.0, value_bits=32)
 
 
-def _load(config: RunConfig):
+def load_data(config: RunConfig):
+  """The run's federated data set (`tds.data.load` with the config's split)."""
   kwargs = {'seed': config.seed}
   if config.dataset != 'hapt':
     kwargs.update(num_clients=config.num_clients or 100,
@@ -91,12 +92,41 @@ def _load(config: RunConfig):
   return data_lib.load(config.dataset, **kwargs)
 
 
-def _client_dataset(fed, client_id, config, rng):
-  ds = fed.client_dataset(client_id)
-  if config.privacy == 'example':  # each device Poisson-samples all of it
-    return ds.batch(config.batch_size)
-  return ds.shuffle(fed.client_sizes[client_id], seed=int(rng.integers(2**31))).repeat().batch(
-      config.batch_size).take(config.local_steps)
+def device_dataset(examples: tf.data.Dataset, num_examples: int,
+                   config: RunConfig, rng) -> tf.data.Dataset:
+  """A device's (unbatched) examples as the process takes them: all of them
+  for example level, where the device Poisson-samples each step, else
+  `local_steps` shuffled batches."""
+  if config.privacy == 'example':
+    return examples.batch(config.batch_size)
+  return examples.shuffle(max(num_examples, 1),
+                          seed=int(rng.integers(2**31))).repeat().batch(
+                              config.batch_size).take(config.local_steps)
+
+
+def build_process(config: RunConfig, model_fn, *, total_clients: int,
+                  min_client_examples: Optional[int],
+                  builder: Callable = build_dp_sparse_fed_avg, **extra):
+  """`builder` (`build_dp_sparse_fed_avg`'s arguments) with the config's;
+  `extra` keywords pass through (e.g. the audit's hooks)."""
+  private = config.privacy is not None
+  return builder(
+      model_fn,
+      tff.learning.optimizers.build_sgdm(config.client_learning_rate),
+      tff.learning.optimizers.build_sgdm(config.server_learning_rate),
+      upload_density=config.upload_density,
+      download_density=config.download_density,
+      privacy=config.privacy,
+      l2_norm_clip=config.l2_norm_clip if private else None,
+      noise_multiplier=config.noise_multiplier if private else None,
+      target_epsilon=config.target_epsilon if private else None,
+      delta=config.delta,
+      clients_per_round=config.clients_per_round or total_clients,
+      total_clients=total_clients, rounds=config.rounds,
+      batch_size=config.batch_size, local_steps=config.local_steps,
+      min_client_examples=min_client_examples, value_bits=config.value_bits,
+      shared_fraction=config.shared_fraction, catch_up=config.catch_up,
+      catch_up_density=config.catch_up_density, **extra)
 
 
 def model_fns(fed, seed: int):
@@ -128,7 +158,7 @@ def run(config: RunConfig, *, progress: bool = True,
   `get_model_weights`, `ledger`, `noise_multiplier`, `size`): baselines run on
   the same data, sampling and evaluation through it (benchmarks/).
   """
-  fed = _load(config)
+  fed = load_data(config)
   client_ids = list(fed.client_ids)
   total = len(client_ids)
   per_round = config.clients_per_round or total
@@ -139,22 +169,8 @@ def run(config: RunConfig, *, progress: bool = True,
   min_examples = min(fed.client_sizes.values())
   keras_model, model_fn = model_fns(fed, config.seed)
 
-  private = config.privacy is not None
-  process = builder(
-      model_fn,
-      tff.learning.optimizers.build_sgdm(config.client_learning_rate),
-      tff.learning.optimizers.build_sgdm(config.server_learning_rate),
-      upload_density=config.upload_density,
-      download_density=config.download_density,
-      privacy=config.privacy,
-      l2_norm_clip=config.l2_norm_clip if private else None,
-      noise_multiplier=config.noise_multiplier if private else None,
-      target_epsilon=config.target_epsilon if private else None,
-      delta=config.delta, clients_per_round=per_round, total_clients=total,
-      rounds=config.rounds, batch_size=config.batch_size,
-      local_steps=config.local_steps, min_client_examples=min_examples,
-      value_bits=config.value_bits, shared_fraction=config.shared_fraction,
-      catch_up=config.catch_up, catch_up_density=config.catch_up_density)
+  process = build_process(config, model_fn, total_clients=total,
+                          min_client_examples=min_examples, builder=builder)
   evaluator = keras_model()
   evaluator.compile(
       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -193,7 +209,8 @@ def run(config: RunConfig, *, progress: bool = True,
     indices = [client_ids.index(c) for c in sampled]
     start = time.perf_counter()
     out = process.next(
-        state, [_client_dataset(fed, c, config, rng) for c in sampled],
+        state, [device_dataset(fed.client_dataset(c), fed.client_sizes[c],
+                               config, rng) for c in sampled],
         store.get(indices))
     seconds = time.perf_counter() - start
     store.put(out.client_states)
