@@ -21,20 +21,9 @@ from tf_dpsparse import core  # noqa: E402
 from tf_dpsparse.federated import ClientStateStore  # noqa: E402
 from tf_dpsparse.federated import learning  # noqa: E402
 from tf_dpsparse.federated.simulation import RunConfig  # noqa: E402
+from test_federated import model_fn  # noqa: E402  (the same digits MLP)
 
-SPEC = (tf.TensorSpec([None, 64], tf.float32), tf.TensorSpec([None], tf.int32))
 NUM_REAL = 4  # canary clients have ids >= NUM_REAL
-
-
-def _model_fn():
-  init = tf.keras.initializers.GlorotUniform(seed=1)
-  model = tf.keras.Sequential([
-      tf.keras.layers.Dense(16, activation='relu', input_shape=(64,),
-                            kernel_initializer=init),
-      tf.keras.layers.Dense(10, kernel_initializer=init)])
-  return tff.learning.models.from_keras_model(
-      model, input_spec=SPEC,
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +40,7 @@ def clients():
 def _process(privacy=None, audit=None, value_bits=32):
   sgd = tff.learning.optimizers.build_sgdm
   return learning.build_dp_sparse_fed_avg(
-      _model_fn, sgd(0.1), sgd(1.0), upload_density=0.1,
+      model_fn, sgd(0.1), sgd(1.0), upload_density=0.1,
       download_density=0.1, privacy=privacy, value_bits=value_bits,
       l2_norm_clip=0.3 if privacy else None,
       noise_multiplier=0.0 if privacy else None,
@@ -111,7 +100,7 @@ def test_hooks_leave_real_devices_untouched(clients):
 def test_canary_clients_are_refused_at_example_level():
   with pytest.raises(ValueError, match='canary clients'):
     learning.build_dp_sparse_fed_avg(
-        _model_fn, tff.learning.optimizers.build_sgdm(0.1),
+        model_fn, tff.learning.optimizers.build_sgdm(0.1),
         upload_density=0.1, download_density=0.1, privacy='example',
         l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=4, local_steps=1,
         min_client_examples=40,
