@@ -36,7 +36,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dpsparse import core
-from tf_dpsparse.core import codec
+from tf_dpsparse.wire import codec
 from tf_dpsparse.federated.learning import RoundOutput
 
 GAMMA = 0.01  # coordinate bound γ

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
-from tf_dpsparse import _workers
+from tf_dpsparse.federated import _workers
 from tf_dpsparse import privacy as privacy_lib
 from tf_dpsparse.federated.learning import RoundOutput
 

@@ -1,12 +1,11 @@
 """Shared test configuration: slow marker, and no TFF worker left behind."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
-
-from tf_dpsparse import _workers  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -28,7 +27,11 @@ def pytest_sessionfinish(session, exitstatus):
 
   (That the package stops it by itself at exit is tested in a subprocess,
   test_package.py, where pipes would hang on an orphan.)
+  Only sessions that imported the TFF front can have started a worker.
   """
+  if 'tensorflow_federated' not in sys.modules:
+    return
+  from tf_dpsparse.federated import _workers  # pylint: disable=import-outside-toplevel
   if not _workers.stop_workers():
     session.exitstatus = 1
     print('\nFAILED: TFF worker_binary processes outlived the tests: '

@@ -179,7 +179,7 @@ def test_upload_error_feedback_conserves_and_clips(value_bits, rounds, seed):
     if value_bits != 32:
       assert np.linalg.norm(values.astype(np.float64)) <= 0.5
       np.testing.assert_array_equal(
-          tds.core.to_wire_precision(values, value_bits).numpy(), values)
+          tds.wire.to_wire_precision(values, value_bits).numpy(), values)
     else:
       assert np.linalg.norm(values) <= 0.5 * (1 + 1e-6)
     sent_total += tds.core.densify(sparse).numpy()
@@ -207,14 +207,14 @@ def test_to_wire_precision_never_grows_a_magnitude():
   rng = np.random.default_rng(0)
   x = (rng.normal(size=100_000) * 10.0**rng.integers(-9, 7, 100_000)).astype(
       np.float32)
-  wire = tds.core.to_wire_precision(x, 16).numpy()
+  wire = tds.wire.to_wire_precision(x, 16).numpy()
   assert np.all(np.abs(wire) <= np.abs(x))
   assert np.all(np.isfinite(wire)) and np.abs(wire).max() == 65504
   # Exactly representable: encoding at 16 bits and decoding changes nothing.
   np.testing.assert_array_equal(wire.astype(np.float16).astype(np.float32), wire)
   normal = (np.abs(x) > 1e-4) & (np.abs(x) < 65504)
   assert np.all(np.abs(wire - x)[normal] <= 2**-10 * np.abs(x[normal]))
-  np.testing.assert_array_equal(tds.core.to_wire_precision(x, 32).numpy(), x)
+  np.testing.assert_array_equal(tds.wire.to_wire_precision(x, 32).numpy(), x)
 
 
 def test_eight_bit_values_share_one_power_of_two_and_never_grow():
@@ -225,22 +225,22 @@ def test_eight_bit_values_share_one_power_of_two_and_never_grow():
   rng = np.random.default_rng(5)
   for scale in (1e-30, 1e-6, 1.0, 1e6, 1e30):
     x = (rng.normal(size=1000) * scale).astype(np.float32)
-    q, exponent = tds.core.int8_block(x)
+    q, exponent = tds.wire.int8_block(x)
     q, step = q.numpy(), 2.0 ** int(exponent)
     np.testing.assert_array_equal(q, np.trunc(q))
     assert 63 <= np.abs(q).max() <= 127
     assert np.abs(x).max() <= 127 * step < 2 * np.abs(x).max()
-    wire = tds.core.to_wire_precision(x, 8).numpy()
+    wire = tds.wire.to_wire_precision(x, 8).numpy()
     np.testing.assert_array_equal(wire, (q * step).astype(np.float32))
     assert np.all(np.abs(wire) <= np.abs(x))
     assert np.all(np.abs(x - wire) < step)
     # Quantizing what the receiver decoded gives it back bit for bit.
-    np.testing.assert_array_equal(tds.core.to_wire_precision(wire, 8), wire)
+    np.testing.assert_array_equal(tds.wire.to_wire_precision(wire, 8), wire)
   for empty_or_zero in (np.zeros(0, np.float32), np.zeros(3, np.float32)):
     np.testing.assert_array_equal(
-        tds.core.to_wire_precision(empty_or_zero, 8), empty_or_zero)
+        tds.wire.to_wire_precision(empty_or_zero, 8), empty_or_zero)
   with pytest.raises(ValueError, match='value_bits'):
-    tds.core.to_wire_precision(np.ones(2, np.float32), 4)
+    tds.wire.to_wire_precision(np.ones(2, np.float32), 4)
 
 
 @pytest.mark.parametrize('value_bits', [32, 16, 8])
@@ -254,7 +254,7 @@ def test_sparse_sync_moves_the_view_by_the_largest_differences(value_bits):
   largest = np.argsort(-np.abs(diff))[:25]
   assert set(np.asarray(sent.indices)) == set(largest)
   values = np.asarray(sent.values)
-  np.testing.assert_array_equal(values, tds.core.to_wire_precision(
+  np.testing.assert_array_equal(values, tds.wire.to_wire_precision(
       diff[np.asarray(sent.indices)], value_bits))
   expected = view.copy()
   expected[np.asarray(sent.indices)] += values  # what a receiver computes

@@ -125,7 +125,7 @@ def test_download_error_feedback_and_device_reconstruction(clients, value_bits):
     payload = tds.codec.encode(sent, value_bits)
     assert out.metrics['bytes_broadcast'] == len(payload)
     assert out.metrics['bytes_down'] == len(payload) * len(clients)
-    device_view = federated.apply_broadcast(device_view, payload)
+    device_view = tds.wire.apply_broadcast(device_view, payload)
     # Bit-exact: what the device decodes is what the server thinks it has.
     np.testing.assert_array_equal(device_view, state['distributor']['public'])
     broadcast_total += tds.core.densify(sent).numpy()
@@ -157,7 +157,7 @@ def test_device_that_skipped_rounds_catches_up_exactly(clients, value_bits):
     if round_num == 1:
       stale_view = np.array(state['distributor']['public'])
   payload = federated.catch_up_payload(state['distributor'], 1)
-  view = federated.apply_catch_up(stale_view, payload)
+  view = tds.wire.apply_catch_up(stale_view, payload)
   np.testing.assert_array_equal(view, state['distributor']['public'])
   # Round 5 charged device 3 exactly that payload, the others one broadcast.
   broadcast = int(out.metrics['bytes_broadcast'])
@@ -190,7 +190,7 @@ def test_topk_catch_up_is_bounded_and_bit_exact(clients):
       process.download_k)
   # Bit-exact: the bytes turn the device's old view into the one it trained from.
   np.testing.assert_array_equal(
-      federated.apply_broadcast(stale_view, payload), store.view(3))
+      tds.wire.apply_broadcast(stale_view, payload), store.view(3))
   assert not np.array_equal(store.view(3), public)  # lossy: 3 rounds > k
   broadcast = int(out.metrics['bytes_broadcast'])
   assert out.metrics['bytes_down'] == 3 * broadcast + len(payload)
@@ -246,7 +246,7 @@ def test_catch_up_bytes_union_or_dense():
   indices = np.stack([np.arange(k) * 7 + r for r in rounds]).astype(np.int32)
 
   def nbytes(last_sync, value_bits=32):
-    return int(federated.catch_up_nbytes(indices, rounds, last_sync, 6, size,
+    return int(tds.wire.catch_up_nbytes(indices, rounds, last_sync, 6, size,
                                          value_bits))
 
   assert nbytes(6) == 0

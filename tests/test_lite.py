@@ -8,7 +8,7 @@ from scipy import stats
 from sklearn.datasets import load_digits
 
 import tf_dpsparse as tds
-from tf_dpsparse.core import codec as codec_impl
+from tf_dpsparse.wire import codec as codec_impl
 from tf_dpsparse.server import PayloadRound
 
 K = tf.keras.layers
@@ -289,7 +289,7 @@ def test_eight_bit_upload_is_rounded_on_device_and_keeps_the_error(tmp_path):
   assert np.linalg.norm(sent.values.astype(np.float64)) <= clip
   # what the device computed is already 8-bit: encoding lost nothing more
   np.testing.assert_array_equal(
-      tds.core.to_wire_precision(sent.values, 8).numpy(), sent.values)
+      tds.wire.to_wire_precision(sent.values, 8).numpy(), sent.values)
   after = _state(client, tmp_path)
   np.testing.assert_allclose(
       tds.core.densify(sent).numpy() + after['residual'],

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tf_dpsparse import _workers
+from tf_dpsparse.federated import _workers
 
 
 def _python(code, timeout=240):
@@ -47,7 +47,7 @@ def test_tff_worker_does_not_outlive_python_and_core_runs_in_tff():
       import numpy as np
       import tf_dpsparse as tds
       tff = tds.federated.tff
-      from tf_dpsparse import _workers
+      from tf_dpsparse.federated import _workers
 
       @tff.tensorflow.computation(tff.TensorType(np.float32, [6]))
       def sparsify(x):
@@ -75,7 +75,7 @@ def test_stop_workers_stops_a_child_named_worker_binary(tmp_path):
   fake.chmod(0o755)
   out = _python(f"""
       import os, subprocess
-      from tf_dpsparse import _workers
+      from tf_dpsparse.federated import _workers
       proc = subprocess.Popen([{str(fake)!r}], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
       try:

@@ -1,9 +1,9 @@
 """tf_dpsparse: differentially private, top-k sparse federated learning.
 
-`core`, `codec` and `privacy` load eagerly (TensorFlow and dp_accounting
-only). The fronts load on first use: `federated` imports TensorFlow
-Federated, which is slow to import and starts a worker process, so
-`import tf_dpsparse` never pulls it in.
+Every submodule loads on first use (`tds.core`, `tds.privacy`, ...), so
+`import tf_dpsparse` costs nothing and the command line answers `--help`
+without importing TensorFlow. `federated` imports TensorFlow Federated,
+which is slow to import and starts a worker process.
 """
 
 import importlib
@@ -13,13 +13,10 @@ import os
 # who wants them sets TF_CPP_MIN_LOG_LEVEL themselves.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-from tf_dpsparse import codec  # noqa: E402
-from tf_dpsparse import core  # noqa: E402
-from tf_dpsparse import privacy  # noqa: E402
-
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('data', 'federated', 'keras', 'lite', 'server')
+_LAZY_SUBMODULES = ('codec', 'core', 'data', 'deploy', 'federated', 'keras',
+                    'lite', 'privacy', 'server', 'wire')
 
 
 def __getattr__(name):
@@ -34,4 +31,4 @@ def __dir__():
   return sorted(list(globals()) + list(_LAZY_SUBMODULES))
 
 
-__all__ = ['codec', 'core', 'privacy', *_LAZY_SUBMODULES]
+__all__ = list(_LAZY_SUBMODULES)

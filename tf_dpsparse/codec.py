@@ -1,11 +1,10 @@
-"""`tds.codec`: the sparse wire format (implemented in `tf_dpsparse.core.codec`)."""
+"""`tds.codec`, kept for the names in DESIGN.md: the codec is `tds.wire.codec`.
 
-from tf_dpsparse.core.codec import DecodeError
-from tf_dpsparse.core.codec import decode
-from tf_dpsparse.core.codec import dense_nbytes
-from tf_dpsparse.core.codec import encode
-from tf_dpsparse.core.codec import encoded_nbytes
-from tf_dpsparse.core.codec import entropy_bound_bits
+An alias, not a copy: `tds.codec is tds.wire.codec`.
+"""
 
-__all__ = ['DecodeError', 'decode', 'dense_nbytes', 'encode', 'encoded_nbytes',
-           'entropy_bound_bits']
+import sys
+
+from tf_dpsparse.wire import codec as _codec
+
+sys.modules[__name__] = _codec

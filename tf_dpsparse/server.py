@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from tf_dpsparse import core
 from tf_dpsparse import privacy
-from tf_dpsparse.core import codec
+from tf_dpsparse.wire import codec
 
 
 class RoundResult(NamedTuple):

@@ -1,37 +1,35 @@
-"""Pure-TensorFlow core shared by every front: transforms and wire codec."""
+"""Pure-TensorFlow core shared by every front: the update transforms.
 
-from tf_dpsparse.core import codec
+The wire format (value rounding, codec) is `tds.wire`."""
+
 from tf_dpsparse.core.per_example import convolution
 from tf_dpsparse.core.per_example import per_example_gradients
-from tf_dpsparse.core.transforms import VALUE_BITS
-from tf_dpsparse.core.transforms import SparseUpdate
+from tf_dpsparse.core.sparse import SparseUpdate
+from tf_dpsparse.core.sparse import densify
 from tf_dpsparse.core.transforms import add_gaussian_noise
 from tf_dpsparse.core.transforms import clip_by_l2_norm
 from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
 from tf_dpsparse.core.transforms import clipped_sum
 from tf_dpsparse.core.transforms import clipped_topk_with_error_feedback
 from tf_dpsparse.core.transforms import default_max_batch
-from tf_dpsparse.core.transforms import densify
 from tf_dpsparse.core.transforms import flatten
 from tf_dpsparse.core.transforms import fold_in_seed
 from tf_dpsparse.core.transforms import gaussian_average
-from tf_dpsparse.core.transforms import int8_block
 from tf_dpsparse.core.transforms import k_for_density
 from tf_dpsparse.core.transforms import noised_average
 from tf_dpsparse.core.transforms import padded_chunks
 from tf_dpsparse.core.transforms import poisson_gaussian_average
 from tf_dpsparse.core.transforms import poisson_sample
 from tf_dpsparse.core.transforms import sparse_sync
-from tf_dpsparse.core.transforms import to_wire_precision
 from tf_dpsparse.core.transforms import topk_with_error_feedback
 from tf_dpsparse.core.transforms import unflatten
 
 __all__ = [
-    'SparseUpdate', 'VALUE_BITS', 'add_gaussian_noise', 'clip_by_l2_norm',
+    'SparseUpdate', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
-    'codec', 'convolution', 'default_max_batch', 'densify', 'flatten',
-    'fold_in_seed', 'gaussian_average', 'int8_block', 'k_for_density',
+    'convolution', 'default_max_batch', 'densify', 'flatten',
+    'fold_in_seed', 'gaussian_average', 'k_for_density',
     'noised_average', 'padded_chunks', 'per_example_gradients',
     'poisson_gaussian_average', 'poisson_sample', 'sparse_sync',
-    'to_wire_precision', 'topk_with_error_feedback', 'unflatten'
+    'topk_with_error_feedback', 'unflatten'
 ]

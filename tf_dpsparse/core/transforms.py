@@ -19,20 +19,11 @@ from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import tensorflow as tf
 
+from tf_dpsparse.core.sparse import SparseUpdate
+from tf_dpsparse.core.sparse import densify
+from tf_dpsparse.wire.formats import to_wire_precision
+
 SeedLike = Union[None, int, tf.Tensor]
-
-
-class SparseUpdate(NamedTuple):
-  """A sparse slice of a flat update: `values` at `indices` of a vector of `size`.
-
-  `indices` are int32[k] and distinct; `values` are float32[k]. Fields may be
-  `tf.Tensor`s (from the transforms) or numpy arrays (from `tds.codec.decode`);
-  `densify` accepts both. `size` is a Python int (static, like a dense shape).
-  """
-
-  indices: Any
-  values: Any
-  size: int
 
 
 def flatten(structure) -> tf.Tensor:
@@ -373,70 +364,13 @@ def clipped_topk_with_error_feedback(
   return sparse._replace(values=values), new_residual, clipped
 
 
-VALUE_BITS = (32, 16, 8)
-_INT8_MAX = 127
-INT8_EXPONENT_RANGE = (-126, 122)  # 2**e and 2**-e both stay normal float32
-
-
-def _power_of_two(exponent: tf.Tensor) -> tf.Tensor:
-  """2.0 ** exponent as float32, exactly (built from its exponent bits)."""
-  return tf.bitcast((tf.cast(exponent, tf.int32) + 127) * (1 << 23), tf.float32)
-
-
-def int8_block(values) -> Tuple[tf.Tensor, tf.Tensor]:
-  """`values` as integers in [-127, 127] times one power of two: `(q, exponent)`.
-
-  The exponent is the smallest with max|values| <= 127 * 2**exponent, so the
-  largest value keeps 7 bits. q = values / 2**exponent truncated toward zero
-  (a float32 tensor of integers), so no magnitude grows. A power-of-two scale
-  makes both the division and `q * 2**exponent` exact: quantizing the decoded
-  values again gives them back bit for bit, which the codec relies on.
-  """
-  values = tf.convert_to_tensor(values, tf.float32)
-  magnitudes = tf.abs(values)
-  peak = tf.reduce_max(tf.concat([magnitudes, [0.0]], 0))
-  # peak in [2**E, 2**(E+1)) puts the exponent at E - 6 or E - 5.
-  top_exponent = tf.bitwise.right_shift(tf.bitcast(peak, tf.int32), 23) - 127
-  low, high = INT8_EXPONENT_RANGE
-  candidate = tf.clip_by_value(top_exponent - 6, low, high)
-  exponent = tf.where(peak <= _INT8_MAX * _power_of_two(candidate), candidate,
-                      candidate + 1)
-  q = tf.minimum(tf.floor(magnitudes * _power_of_two(-exponent)), _INT8_MAX)
-  return tf.sign(values) * q, exponent
-
-
-def to_wire_precision(values: tf.Tensor, value_bits: int = 32) -> tf.Tensor:
-  """`values` as the receiver decodes them at `value_bits` (32, 16 or 8) bits.
-
-  Rounding is toward zero, so no magnitude grows and a clipped update stays
-  within its clip (round-to-nearest could exceed it). 16 bits: float16,
-  values beyond its range become its largest finite value. 8 bits:
-  `int8_block`, one shared power-of-two scale per payload; what rounding
-  removes is kept by the caller's error feedback.
-  """
-  values = tf.convert_to_tensor(values, tf.float32)
-  if value_bits == 32:
-    return values
-  if value_bits == 8:
-    q, exponent = int8_block(values)
-    return q * _power_of_two(exponent)
-  if value_bits != 16:
-    raise ValueError(f'value_bits must be one of {VALUE_BITS}, got {value_bits}.')
-  half = tf.cast(values, tf.float16)
-  rounded_up = tf.abs(tf.cast(half, tf.float32)) > tf.abs(values)
-  # float16 is sign-magnitude: one less in the bit pattern is one ulp
-  # closer to zero, for either sign (and inf steps down to the largest finite).
-  toward_zero = tf.bitcast(tf.bitcast(half, tf.int16) - 1, tf.float16)
-  return tf.cast(tf.where(rounded_up, toward_zero, half), tf.float32)
-
-
 def sparse_sync(target, view, k: int, value_bits: int = 32):
   """Moves `view` toward `target` by the top-k of their difference.
 
   Returns `(sent, new_view)`: `sent` holds the k largest-magnitude entries of
   (target - view) rounded to the wire's `value_bits` (toward zero), and
   `new_view = view + sent` in float32, which is exactly what a receiver
-  computes from the decoded bytes (`tds.federated.apply_broadcast`). What
+  computes from the decoded bytes (`tds.wire.apply_broadcast`). What
   is not sent, rounding included, stays in (target - new_view): error
   feedback. `sent` has a static k, so it may carry zeros when fewer than k
   entries differ. The server's broadcast (view: the public model) and a
@@ -448,10 +382,3 @@ def sparse_sync(target, view, k: int, value_bits: int = 32):
   sent = sent._replace(values=to_wire_precision(sent.values, value_bits))
   return sent, tf.tensor_scatter_nd_add(view, sent.indices[:, None],
                                         sent.values)
-
-
-def densify(sparse: SparseUpdate) -> tf.Tensor:
-  """The dense float32[size] vector a `SparseUpdate` stands for."""
-  indices = tf.convert_to_tensor(sparse.indices, tf.int32)
-  values = tf.convert_to_tensor(sparse.values, tf.float32)
-  return tf.scatter_nd(indices[:, tf.newaxis], values, [int(sparse.size)])

@@ -6,14 +6,11 @@ process it may start is stopped when Python exits.
 
 import tensorflow_federated as tff  # noqa: F401  (the front's dependency)
 
-from tf_dpsparse import _workers
+from tf_dpsparse.federated import _workers
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.client_states import ClientStateStore
-from tf_dpsparse.federated.distributor import apply_broadcast
-from tf_dpsparse.federated.distributor import apply_catch_up
 from tf_dpsparse.federated.distributor import build_sparse_distributor
-from tf_dpsparse.federated.distributor import catch_up_nbytes
 from tf_dpsparse.federated.distributor import catch_up_payload
 from tf_dpsparse.federated.distributor import topk_catch_up_payload
 from tf_dpsparse.federated.learning import DPSparseFedAvg
@@ -24,8 +21,8 @@ _workers.install()
 
 __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
-    'apply_broadcast', 'apply_catch_up', 'build_dp_sparse_fed_avg',
-    'build_sparse_distributor', 'catch_up_nbytes', 'catch_up_payload', 'num_shared',
+    'build_dp_sparse_fed_avg', 'build_sparse_distributor', 'catch_up_payload',
+    'num_shared',
     'topk_catch_up_payload',
     'sparse_type'
 ]

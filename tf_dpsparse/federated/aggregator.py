@@ -29,7 +29,7 @@ import tensorflow_federated as tff
 
 from tf_dpsparse import core
 from tf_dpsparse import privacy
-from tf_dpsparse.core import codec
+from tf_dpsparse.wire import codec
 
 
 def sparse_type(k: int) -> tff.StructType:

@@ -9,14 +9,14 @@ server residual, and competes for the next broadcast.
 A device that skipped rounds catches up with the union of the index sets
 broadcast since it last synced (values read off the current public model, in
 float32), or with the dense model when that is smaller or older than the kept
-history; its exact bytes are `catch_up_nbytes`. That exact catch-up is cheap
+history; its exact bytes are `tds.wire.catch_up_nbytes`. That exact catch-up is cheap
 only when devices take part in most rounds; with sparse client sampling a
 returning device has missed so many broadcasts that the union nears the dense
 model.
 `topk_catch_up` bounds it instead: the device gets the top-k of (global -
 its own view), the same operation as the broadcast (`core.sparse_sync`), and
 what is not sent stays in (global - view) for its next visit. In simulation
-devices receive the reconstructed public weights directly; `apply_broadcast`
+devices receive the reconstructed public weights directly; `tds.wire.apply_broadcast`
 is what a real device does with the bytes, and the tests check the two agree
 bit for bit.
 
@@ -35,7 +35,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dpsparse import core
-from tf_dpsparse.core import codec
+from tf_dpsparse.wire import codec
 
 
 def _state_type(size, k, history):
@@ -47,33 +47,6 @@ def _state_type(size, k, history):
       ('last_indices', tff.TensorType(np.int32, [k])),
       ('last_values', tff.TensorType(np.float32, [k])),
   ])
-
-
-def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
-                    round_num, size: int, value_bits: int = 32):
-  """Bytes a device synced at `last_sync_round` downloads to reach `round_num`.
-
-  Zero if up to date; the broadcast (at `value_bits`) if one round behind.
-  Otherwise the union of the index sets broadcast in rounds
-  (last_sync_round, round_num], coded by `tds.codec`, or the dense model if
-  that is smaller or if some of those rounds fell out of the kept history.
-  Those values are float32 whatever `value_bits`: they are public weights,
-  float32 sums of rounded changes, which no narrower format holds exactly.
-  """
-  last_sync_round = tf.cast(last_sync_round, tf.int32)
-  needed = history_rounds > last_sync_round
-  missing = round_num - last_sync_round
-  covered = tf.reduce_sum(tf.cast(needed, tf.int32)) >= missing
-  union, _ = tf.unique(tf.reshape(tf.boolean_mask(history_indices, needed), [-1]))
-  k = tf.size(union, out_type=tf.int64)
-  union_nbytes = codec.encoded_nbytes(union, size)  # float32 values
-  # One round behind: the broadcast, the same index set at `value_bits`.
-  broadcast_nbytes = (union_nbytes - codec.values_nbytes(k, 32) +
-                      codec.values_nbytes(k, value_bits))
-  dense = tf.constant(codec.dense_nbytes(size), tf.int64)
-  nbytes = tf.where(covered, tf.minimum(union_nbytes, dense), dense)
-  nbytes = tf.where(tf.equal(missing, 1), broadcast_nbytes, nbytes)
-  return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
 
 
 def _nonzero(sent: core.SparseUpdate) -> core.SparseUpdate:
@@ -102,7 +75,7 @@ def topk_catch_up(target, view, k: int, value_bits: int = 32):
 def topk_catch_up_payload(target, view, k: int, value_bits: int = 32):
   """The bytes of `topk_catch_up`, or None when there is nothing to send.
 
-  A device applies them with `apply_broadcast` (they are deltas).
+  A device applies them with `tds.wire.apply_broadcast` (they are deltas).
   """
   sent, _ = core.sparse_sync(tf.constant(target, tf.float32),
                              tf.constant(view, tf.float32), k, value_bits)
@@ -116,12 +89,12 @@ def catch_up_payload(state, last_sync_round: int):
   """The catch-up download of a device synced at `last_sync_round`, or None.
 
   Carries the *current* public values at the union of the indices broadcast
-  since then (a device overwrites them: `apply_catch_up`), so the device
+  since then (a device overwrites them: `tds.wire.apply_catch_up`), so the device
   lands exactly on the public model. None means the device needs the dense
   model: some of those rounds fell out of the history, or dense is smaller
-  (`catch_up_nbytes` counts the same choice). `state` is the distributor's.
-  Values are float32 (see `catch_up_nbytes`); a device one round behind
-  needs only the broadcast (`apply_broadcast`).
+  (`tds.wire.catch_up_nbytes` counts the same choice). `state` is the distributor's.
+  Values are float32 (see `tds.wire.catch_up_nbytes`); a device one round behind
+  needs only the broadcast (`tds.wire.apply_broadcast`).
   """
   rounds = np.asarray(state['history_rounds'])
   needed = rounds > last_sync_round
@@ -131,26 +104,6 @@ def catch_up_payload(state, last_sync_round: int):
   union = np.unique(np.asarray(state['history_indices'])[needed])
   payload = codec.encode(core.SparseUpdate(union, public[union], public.size))
   return None if len(payload) > codec.dense_nbytes(public.size) else payload
-
-
-def apply_catch_up(view: np.ndarray, payload: bytes) -> np.ndarray:
-  """A device's side of `catch_up_payload`: overwrite the listed weights."""
-  update = codec.decode(payload, view.size)
-  view = np.array(view, dtype=np.float32, copy=True)
-  view[update.indices] = update.values
-  return view
-
-
-def apply_broadcast(public_view: np.ndarray, payload: bytes) -> np.ndarray:
-  """What a device does with a broadcast: decode, validate, overwrite deltas.
-
-  The payload carries deltas of the public model; adding them in float32 is
-  the same operation the server performs, so the result is bit-exact.
-  """
-  update = codec.decode(payload, public_view.size)
-  view = np.array(public_view, dtype=np.float32, copy=True)
-  view[update.indices] = view[update.indices] + update.values
-  return view
 
 
 def build_sparse_distributor(

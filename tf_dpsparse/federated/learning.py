@@ -35,14 +35,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tf_dpsparse import _workers
+from tf_dpsparse.federated import _workers
 from tf_dpsparse import core
 from tf_dpsparse import privacy as privacy_lib
-from tf_dpsparse.core import codec
+from tf_dpsparse.wire import codec
+from tf_dpsparse.wire.downloads import catch_up_nbytes
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.distributor import build_sparse_distributor
-from tf_dpsparse.federated.distributor import catch_up_nbytes
 from tf_dpsparse.federated.distributor import topk_catch_up
 from tf_dpsparse.keras import per_example as keras_per_example
 
@@ -381,8 +381,7 @@ def build_dp_sparse_fed_avg_process(
                                client_state.last_sync_round,
                                dist_state.round_num, size, value_bits)
     if k_shared:  # a device that missed the last broadcast needs the indices
-      shared_index_nbytes = (codec.encoded_nbytes(shared_indices, size) -
-                             codec.values_nbytes(k_shared, 32))
+      shared_index_nbytes = codec.index_nbytes(shared_indices, size)
       stale = dist_state.round_num - client_state.last_sync_round > 1
       nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
     return synced, nbytes

@@ -24,8 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from tf_dpsparse.core import codec
-from tf_dpsparse.core.transforms import SparseUpdate
+from tf_dpsparse.wire import codec
+from tf_dpsparse.core.sparse import SparseUpdate
 from tf_dpsparse.core.transforms import padded_chunks
 
 try:  # the standalone runtime a device ships with

@@ -278,7 +278,7 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
     update_l2_norm_clip: clip the uploaded vector to this L2 norm
       (client-level DP; the server adds the noise). None: no clip.
     value_bits: 32, or 8 to round uploaded values on the device to the
-      wire's 8 bits (`core.to_wire_precision`), keeping the rounding error in
+      wire's 8 bits (`tds.wire.to_wire_precision`), keeping the rounding error in
       the residual; create the `LiteClient` with the same `value_bits`.
     seed: makes the exported noise and dropout reproducible (tests only).
       None: LiteRT seeds them itself, so no two interpreters share noise.

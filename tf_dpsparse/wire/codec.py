@@ -19,7 +19,7 @@ costs its values plus the header. A fourth index code, raw little-endian uint32,
 default but can be requested (`index_coding='raw'`): it is what the simplest
 device firmware emits. Values follow in index order as little-endian float32
 or float16, or at 8 bits as one signed exponent byte e and k int8 values q
-in [-127, 127] standing for q * 2**e (`transforms.int8_block`).
+in [-127, 127] standing for q * 2**e (`tds.wire.int8_block`).
 
 `decode` trusts nothing: every field is checked against the payload length
 and the expected `size` before anything is allocated, and any defect raises
@@ -34,10 +34,10 @@ from typing import Tuple
 import numpy as np
 import tensorflow as tf
 
-from tf_dpsparse.core.transforms import SparseUpdate
-from tf_dpsparse.core.transforms import INT8_EXPONENT_RANGE
-from tf_dpsparse.core.transforms import VALUE_BITS
-from tf_dpsparse.core.transforms import int8_block
+from tf_dpsparse.core.sparse import SparseUpdate
+from tf_dpsparse.wire.formats import INT8_EXPONENT_RANGE
+from tf_dpsparse.wire.formats import VALUE_BITS
+from tf_dpsparse.wire.formats import int8_block
 
 MAGIC = b'DS'
 VERSION = 1
@@ -376,14 +376,12 @@ def _varint_nbytes_tf(value: tf.Tensor) -> tf.Tensor:
   return 1 + tf.reduce_sum(tf.cast(value >= thresholds, tf.int64))
 
 
-def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Tensor:
-  """`len(encode(...))` for these distinct `indices`, computed in TensorFlow.
+def index_nbytes(indices: tf.Tensor, size: int) -> tf.Tensor:
+  """Bytes of a payload's header and index set, without its values (int64).
 
-  TFF computations and TFLite graphs cannot call the numpy encoder, yet every
-  byte they send must be counted exactly; this mirrors `encode`'s choices
-  (Rice parameter, Rice vs bitmap) and is tested equal to it. Returns int64.
+  What a receiver needs to learn *where* values go: the shared indices of
+  an upload sent to a device that missed the broadcast they come from.
   """
-  _check_value_bits(value_bits)
   indices = tf.sort(tf.cast(tf.reshape(indices, [-1]), tf.int64))
   k = tf.size(indices, out_type=tf.int64)
   gaps = indices - tf.concat([[-1], indices[:-1]], axis=0) - 1
@@ -400,6 +398,17 @@ def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Te
   bitmap = tf.constant((size + 7) // 8, tf.int64)
   header = len(MAGIC) + 2 + len(_put_varint(size)) + _varint_nbytes_tf(k)
   # tf.equal, not ==: graph-mode tensors (TFF) compare by identity.
-  index_nbytes = tf.where(tf.equal(k, size), tf.constant(0, tf.int64),
-                          tf.minimum(bitmap, rice))
-  return header + index_nbytes + values_nbytes(k, value_bits)
+  return header + tf.where(tf.equal(k, size), tf.constant(0, tf.int64),
+                           tf.minimum(bitmap, rice))
+
+
+def encoded_nbytes(indices: tf.Tensor, size: int, value_bits: int = 32) -> tf.Tensor:
+  """`len(encode(...))` for these distinct `indices`, computed in TensorFlow.
+
+  TFF computations and TFLite graphs cannot call the numpy encoder, yet every
+  byte they send must be counted exactly; this mirrors `encode`'s choices
+  (Rice parameter, Rice vs bitmap) and is tested equal to it. Returns int64.
+  """
+  _check_value_bits(value_bits)
+  k = tf.size(indices, out_type=tf.int64)
+  return index_nbytes(indices, size) + values_nbytes(k, value_bits)
