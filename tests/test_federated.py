@@ -156,7 +156,7 @@ def test_device_that_skipped_rounds_catches_up_exactly(clients, value_bits):
     state = out.state
     if round_num == 1:
       stale_view = np.array(state['distributor']['public'])
-  payload = federated.catch_up_payload(state['distributor'], 1)
+  payload = tds.wire.catch_up_payload(state['distributor'], 1)
   view = tds.wire.apply_catch_up(stale_view, payload)
   np.testing.assert_array_equal(view, state['distributor']['public'])
   # Round 5 charged device 3 exactly that payload, the others one broadcast.
@@ -262,8 +262,8 @@ def test_catch_up_bytes_union_or_dense():
   assert nbytes(3, 8) == nbytes(3) and nbytes(1, 8) == nbytes(1)
   state = dict(history_indices=indices, history_rounds=rounds, round_num=6,
                public=np.arange(size, dtype=np.float32))
-  assert len(federated.catch_up_payload(state, 3)) == nbytes(3)
-  assert federated.catch_up_payload(state, 1) is None
+  assert len(tds.wire.catch_up_payload(state, 3)) == nbytes(3)
+  assert tds.wire.catch_up_payload(state, 1) is None
 
 
 @pytest.mark.parametrize('k', [12, 500])  # sparse (Rice), dense ('all')

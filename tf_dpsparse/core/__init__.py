@@ -6,6 +6,16 @@ from tf_dpsparse.core.per_example import convolution
 from tf_dpsparse.core.per_example import per_example_gradients
 from tf_dpsparse.core.sparse import SparseUpdate
 from tf_dpsparse.core.sparse import densify
+from tf_dpsparse.core import stages
+from tf_dpsparse.core.stages import BroadcastState
+from tf_dpsparse.core.stages import Stage
+from tf_dpsparse.core.stages import UploadState
+from tf_dpsparse.core.stages import ViewState
+from tf_dpsparse.core.stages import apply_update
+from tf_dpsparse.core.stages import model_update
+from tf_dpsparse.core.stages import sparse_broadcast
+from tf_dpsparse.core.stages import sparse_upload
+from tf_dpsparse.core.stages import topk_catch_up
 from tf_dpsparse.core.transforms import add_gaussian_noise
 from tf_dpsparse.core.transforms import clip_by_l2_norm
 from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
@@ -25,7 +35,9 @@ from tf_dpsparse.core.transforms import topk_with_error_feedback
 from tf_dpsparse.core.transforms import unflatten
 
 __all__ = [
-    'SparseUpdate', 'add_gaussian_noise', 'clip_by_l2_norm',
+    'BroadcastState', 'SparseUpdate', 'Stage', 'UploadState', 'ViewState',
+    'apply_update', 'model_update', 'sparse_broadcast', 'sparse_upload',
+    'stages', 'topk_catch_up', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
     'convolution', 'default_max_batch', 'densify', 'flatten',
     'fold_in_seed', 'gaussian_average', 'k_for_density',

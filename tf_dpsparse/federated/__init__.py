@@ -11,7 +11,6 @@ from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
 from tf_dpsparse.federated.client_states import ClientStateStore
 from tf_dpsparse.federated.distributor import build_sparse_distributor
-from tf_dpsparse.federated.distributor import catch_up_payload
 from tf_dpsparse.federated.distributor import topk_catch_up_payload
 from tf_dpsparse.federated.learning import DPSparseFedAvg
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
@@ -21,8 +20,6 @@ _workers.install()
 
 __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
-    'build_dp_sparse_fed_avg', 'build_sparse_distributor', 'catch_up_payload',
-    'num_shared',
-    'topk_catch_up_payload',
-    'sparse_type'
+    'build_dp_sparse_fed_avg', 'build_sparse_distributor', 'num_shared',
+    'sparse_type', 'topk_catch_up_payload'
 ]

@@ -85,27 +85,6 @@ def topk_catch_up_payload(target, view, k: int, value_bits: int = 32):
   return codec.encode(sent, value_bits=value_bits)
 
 
-def catch_up_payload(state, last_sync_round: int):
-  """The catch-up download of a device synced at `last_sync_round`, or None.
-
-  Carries the *current* public values at the union of the indices broadcast
-  since then (a device overwrites them: `tds.wire.apply_catch_up`), so the device
-  lands exactly on the public model. None means the device needs the dense
-  model: some of those rounds fell out of the history, or dense is smaller
-  (`tds.wire.catch_up_nbytes` counts the same choice). `state` is the distributor's.
-  Values are float32 (see `tds.wire.catch_up_nbytes`); a device one round behind
-  needs only the broadcast (`tds.wire.apply_broadcast`).
-  """
-  rounds = np.asarray(state['history_rounds'])
-  needed = rounds > last_sync_round
-  if needed.sum() < int(state['round_num']) - last_sync_round:
-    return None
-  public = np.asarray(state['public'], np.float32)
-  union = np.unique(np.asarray(state['history_indices'])[needed])
-  payload = codec.encode(core.SparseUpdate(union, public[union], public.size))
-  return None if len(payload) > codec.dense_nbytes(public.size) else payload
-
-
 def build_sparse_distributor(
     initial_weights_fn: tff.Computation, *, density: float,
     value_bits: int = 32, history: int = 32) -> tff.learning.templates.DistributionProcess:

@@ -1,4 +1,11 @@
-"""Privacy accounting on `dp_accounting`: ε, calibration, and a budget ledger."""
+"""Privacy on `dp_accounting`: ε, calibration, a budget ledger, mechanisms.
+
+The mechanisms (`ExampleLevelDP`, `ClientLevelDP`, `calibrated`) import
+TensorFlow and TF Privacy, so they load on first use: `tf-dpsparse
+epsilon` and `calibrate` need only dp_accounting.
+"""
+
+import importlib
 
 from tf_dpsparse.privacy.accounting import PRIVACY_MODES
 from tf_dpsparse.privacy.accounting import calibrate_noise_multiplier
@@ -16,11 +23,21 @@ from tf_dpsparse.privacy.ledger import PrivacyLedger
 from tf_dpsparse.privacy.ledger import RoundPrivacy
 from tf_dpsparse.privacy.ledger import round_privacy
 
+_MECHANISMS = ('ClientLevelDP', 'ExampleLevelDP', 'GaussianSumQuery',
+               'calibrated')
+
 __all__ = [
     'BudgetExhaustedError', 'PRIVACY_MODES', 'PrivacyLedger',
     'calibrate_noise_multiplier', 'check_privacy_mode',
     'compute_epsilon', 'compute_epsilon_shuffled', 'epsilon_of',
     'largest_within', 'make_accountant', 'max_steps',
     'RoundPrivacy', 'round_privacy', 'sampled_gaussian_event',
-    'shuffled_batches_event'
+    'shuffled_batches_event', *_MECHANISMS
 ]
+
+
+def __getattr__(name):
+  if name in _MECHANISMS:
+    return getattr(importlib.import_module('tf_dpsparse.privacy.mechanisms'),
+                   name)
+  raise AttributeError(f'module tf_dpsparse.privacy has no attribute {name!r}')

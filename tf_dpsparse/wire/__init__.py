@@ -24,13 +24,14 @@ from tf_dpsparse.wire.codec import values_nbytes
 from tf_dpsparse.wire.downloads import apply_broadcast
 from tf_dpsparse.wire.downloads import apply_catch_up
 from tf_dpsparse.wire.downloads import catch_up_nbytes
+from tf_dpsparse.wire.downloads import catch_up_payload
 from tf_dpsparse.wire.formats import VALUE_BITS
 from tf_dpsparse.wire.formats import int8_block
 from tf_dpsparse.wire.formats import to_wire_precision
 
 __all__ = [
     'DecodeError', 'VALUE_BITS', 'apply_broadcast', 'apply_catch_up',
-    'catch_up_nbytes', 'codec', 'decode', 'dense_nbytes', 'downloads',
-    'encode', 'encoded_nbytes', 'entropy_bound_bits', 'formats',
+    'catch_up_nbytes', 'catch_up_payload', 'codec', 'decode', 'dense_nbytes',
+    'downloads', 'encode', 'encoded_nbytes', 'entropy_bound_bits', 'formats',
     'index_nbytes', 'int8_block', 'to_wire_precision', 'values_nbytes'
 ]

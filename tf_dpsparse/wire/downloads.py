@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tf_dpsparse.core.sparse import SparseUpdate
 from tf_dpsparse.wire import codec
 
 
@@ -38,6 +39,28 @@ def catch_up_nbytes(history_indices, history_rounds, last_sync_round,
   nbytes = tf.where(covered, tf.minimum(union_nbytes, dense), dense)
   nbytes = tf.where(tf.equal(missing, 1), broadcast_nbytes, nbytes)
   return tf.where(missing > 0, nbytes, tf.constant(0, tf.int64))
+
+
+def catch_up_payload(state, last_sync_round: int):
+  """The catch-up download of a device synced at `last_sync_round`, or None.
+
+  Carries the *current* public values at the union of the indices broadcast
+  since then (a device overwrites them: `tds.wire.apply_catch_up`), so the device
+  lands exactly on the public model. None means the device needs the dense
+  model: some of those rounds fell out of the history, or dense is smaller
+  (`tds.wire.catch_up_nbytes` counts the same choice). `state` is the distributor's.
+  Values are float32 (see `tds.wire.catch_up_nbytes`); a device one round behind
+  needs only the broadcast (`tds.wire.apply_broadcast`).
+  """
+  field = state.get if isinstance(state, dict) else state._asdict().get
+  rounds = np.asarray(field('history_rounds'))
+  needed = rounds > last_sync_round
+  if needed.sum() < int(field('round_num')) - last_sync_round:
+    return None
+  public = np.asarray(field('public'), np.float32)
+  union = np.unique(np.asarray(field('history_indices'))[needed])
+  payload = codec.encode(SparseUpdate(union, public[union], public.size))
+  return None if len(payload) > codec.dense_nbytes(public.size) else payload
 
 
 def apply_catch_up(view: np.ndarray, payload: bytes) -> np.ndarray:
