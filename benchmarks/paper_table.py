@@ -3,7 +3,8 @@
 
 Every method runs through `simulation.run` (same seed, data split, client
 sampling, rounds, local steps and evaluation); TFF's algorithms and DSSGD
-plug in as process builders (`tff_baselines`, `dssgd`). Private methods get
+plug in as process builders (`tf_dpsparse.baselines.tff_baselines`,
+`tf_dpsparse.baselines.dssgd`). Private methods get
 the same target ε: ours and DP-FedAvg are calibrated by `tds.privacy` and
 their ε is recomputed by the accountant from the recorded events; DSSGD
 spends the same ε as pure ε-DP by basic composition.
@@ -30,11 +31,10 @@ import os
 import shlex
 import sys
 
+from tf_dpsparse.baselines import dssgd
+from tf_dpsparse.baselines import tff_baselines
 from tf_dpsparse.federated import build_dp_sparse_fed_avg
 from tf_dpsparse.federated import simulation
-
-import dssgd
-import tff_baselines
 
 SETUPS = {
     'hapt': dict(dataset='hapt', rounds=90, local_steps=2, privacy='example'),

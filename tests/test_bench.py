@@ -13,8 +13,8 @@ import tf_dpsparse as tds
 
 pytest.importorskip('tensorflow_federated')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'))
-import dssgd  # noqa: E402
 from tf_dpsparse import cli  # noqa: E402
+from tf_dpsparse.baselines import dssgd  # noqa: E402
 from tf_dpsparse import data  # noqa: E402
 
 

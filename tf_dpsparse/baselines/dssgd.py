@@ -25,6 +25,9 @@ table says so.
 
 Bytes: indices and values coded by `tds.codec` both ways, so DSSGD is
 charged exactly what our codec would charge the same index sets.
+
+A research reproduction for the paper table (`tf_dpsparse.baselines`), not
+package API: DESIGN.md's contract does not cover it.
 """
 
 from __future__ import annotations

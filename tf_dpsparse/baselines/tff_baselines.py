@@ -23,6 +23,9 @@ Bytes: dense float32 each way, 4·d per client per direction. Quantized
 uploads: what TFF's encoder sends, the 8-bit values bit-packed into int32
 words plus the tensor's float32 min and max; each adaptive zeroing / clipping
 estimator adds one float32 per client.
+
+A research module for the paper table (`tf_dpsparse.baselines`), not package
+API: DESIGN.md's contract does not cover it.
 """
 
 from __future__ import annotations
