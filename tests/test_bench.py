@@ -1,10 +1,8 @@
-"""`tf-dpsparse bench` (benchmarks/paper_table.py) and the DSSGD baseline."""
+"""`tf-dpsparse bench` (tf_dpsparse.baselines.paper_table) and the DSSGD baseline."""
 
 import csv
 import json
 import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -12,10 +10,10 @@ import pytest
 import tf_dpsparse as tds
 
 pytest.importorskip('tensorflow_federated')
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'))
 from tf_dpsparse import cli  # noqa: E402
-from tf_dpsparse.baselines import dssgd  # noqa: E402
 from tf_dpsparse import data  # noqa: E402
+from tf_dpsparse.baselines import dssgd  # noqa: E402
+from tf_dpsparse.baselines import paper_table  # noqa: E402
 
 
 def test_svt_selects_at_most_c_coordinates_bounded_by_gamma():
@@ -65,7 +63,6 @@ def test_quick_bench_writes_table_csv_json_png_and_accountant_epsilon(tmp_path):
 
 
 def test_topk_catch_up_row_runs_only_where_devices_miss_rounds():
-  import paper_table
   from tf_dpsparse.federated import simulation
   mnist = simulation.RunConfig(**paper_table.SETUPS['mnist'])
   config, _ = paper_table._method('ours-2%-topk-3%', mnist)
