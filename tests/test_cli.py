@@ -1,13 +1,22 @@
-"""The `tf-dpsparse` privacy flags: the ε printed is the ε of what runs.
+"""The `tf-dpsparse` command: flags, defaults, refusals, help.
 
-Through `cli.main`, without training: a bad request ends with exit code 2 and
-a message saying why, before any data is touched.
+Through `cli.main`, mostly without training: a bad request ends with exit
+code 2 and one line saying why, before any data is touched (the `refusals`
+fixture fails a test that reaches training), and `--help` answers without
+importing TensorFlow.
 """
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 import tf_dpsparse as tds
 from tf_dpsparse import cli
+from tf_dpsparse import config as run_config
 
 
 class _Stop(Exception):
@@ -113,3 +122,198 @@ def test_builder_refuses_a_target_and_a_noise_multiplier():
         None, None, upload_density=0.1, download_density=0.1,
         privacy='client', l2_norm_clip=1.0, noise_multiplier=0.5,
         target_epsilon=3.0, clients_per_round=5, total_clients=10, rounds=2)
+
+
+@pytest.fixture
+def refusals(monkeypatch):
+  """Makes reaching training (and its TensorFlow import) a test failure."""
+
+  def train(config, job):
+    pytest.fail(f'trained {config} ({job}) instead of refusing')
+
+  monkeypatch.setattr(cli, '_train', train)
+
+
+@pytest.fixture
+def trains(monkeypatch):
+  """The (config, job) pairs `tf-dpsparse run` would train, without TF."""
+  seen = []
+  monkeypatch.setattr(cli, '_train',
+                      lambda config, job: seen.append((config, job)) or 0)
+  return seen
+
+
+def _refused(argv, capsys) -> str:
+  """The one error line of a refused command (exit code 2)."""
+  assert cli.main(argv) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  lines = captured.err.splitlines()
+  assert len(lines) == 1, captured.err
+  assert lines[0].startswith('tf-dpsparse run: error: '), lines[0]
+  return lines[0]
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--rounds', '0'], 'rounds must be >= 1, got 0'),
+    (['--rounds', '0', '--privacy', 'none'], 'rounds must be >= 1'),
+    (['--num-clients', '0'], 'num_clients must be >= 1, got 0'),
+    (['--clients-per-round', '0'], 'clients_per_round must be >= 1, got 0'),
+    (['--clients-per-round', '11'], 'clients_per_round=11 exceeds the 10'),
+    (['--batch-size', '0'], 'batch_size must be >= 1'),
+    (['--batch-size', '-16'], 'batch_size must be >= 1'),
+    (['--local-steps', '0'], 'local_steps must be >= 1'),
+    (['--upload-density', '0'], 'upload_density must be in (0, 1]'),
+    (['--download-density', '1.5'], 'download_density must be in (0, 1]'),
+    (['--catch-up', 'topk', '--catch-up-density', '0'], 'catch_up_density'),
+    (['--shared-fraction', '1'], 'shared_fraction must be in [0, 1)'),
+    (['--delta', '1'], 'delta must be in (0, 1)'),
+    (['--l2-norm-clip', '0'], 'l2_norm_clip must be > 0'),
+    (['--target-epsilon', '-1'], 'target_epsilon must be > 0'),
+    (['--client-lr', '0'], 'client_learning_rate must be > 0'),
+    (['--seed', '-1'], 'seed must be >= 0'),
+    (['--partition', 'natural'], 'digits has no natural users'),
+    (['--alpha', '0.1'], '--alpha would be ignored: the partition is iid'),
+    (['--catch-up-density', '0.1'], "catch_up_density applies to catch_up="),
+])
+def test_run_refuses_an_invalid_flag_before_any_work(refusals, capsys, flags,
+                                                     message):
+  """Zero or negative counts used to be replaced by defaults (while the saved
+  config said 0) or to fail after training; now each is one clear line."""
+  del refusals
+  assert message in _refused([*RUN, *flags], capsys)
+
+
+@pytest.mark.parametrize('flag', [
+    ['--target-epsilon', '3'], ['--noise-multiplier', '1.1'],
+    ['--l2-norm-clip', '0.5'], ['--delta', '1e-6']])
+def test_run_refuses_privacy_parameters_of_a_non_private_run(
+    refusals, capsys, flag):
+  """`--privacy none --target-epsilon 3` used to run non-private silently."""
+  del refusals
+  line = _refused([*RUN, '--privacy', 'none', *flag], capsys)
+  assert 'non-private run given a privacy parameter' in line
+
+
+@pytest.mark.parametrize('flags', [
+    ['--num-clients', '10'], ['--num-clients', '30'],
+    ['--partition', 'dirichlet'], ['--partition', 'natural'],
+    ['--alpha', '0.1']])
+def test_run_refuses_a_split_of_hapts_natural_users(refusals, capsys, flags):
+  """HAPT's devices are its 30 users: a split flag used to be recorded in the
+  config and ignored."""
+  del refusals
+  line = _refused(['run', '--dataset', 'hapt', *flags], capsys)
+  assert "hapt's devices are its 30 users" in line
+
+
+def test_run_refuses_an_out_path_that_is_a_file(refusals, capsys, tmp_path):
+  """It used to train, then lose the results to a FileExistsError."""
+  del refusals
+  out = tmp_path / 'results'
+  out.write_text('keep me')
+  assert 'is a file, not a directory' in _refused(
+      [*RUN, '--out', str(out)], capsys)
+  assert 'is a file' in _refused([*RUN, '--out', str(out / 'sub')], capsys)
+  assert out.read_text() == 'keep me'
+
+
+def test_run_defaults_are_run_configs(trains):
+  """No flag: exactly `RunConfig()` and `JobOptions()` (baseline on); the
+  parser holds no defaults of its own that could drift."""
+  assert cli.main(['run']) == 0
+  assert trains == [(run_config.RunConfig(), run_config.JobOptions())]
+  config, job = trains[0]
+  assert (config.upload_density, config.download_density,
+          config.value_bits) == (0.02, 0.02, 8)
+  assert job.baseline and job.progress and job.out == 'runs/latest'
+  fields = {f.name for f in dataclasses.fields(run_config.RunConfig)}
+  assert not fields & set(vars(cli.build_parser().parse_args(['run'])))
+
+
+def test_run_flags_are_the_config_fields(trains):
+  """Every field is a flag (with its old aliases); --no-baseline and
+  --no-progress turn the job's options off."""
+  argv = ['run', '--dataset', 'mnist', '--rounds', '7',
+          '--clients-per-round', '5', '--num-clients', '50', '--partition',
+          'dirichlet', '--alpha', '0.3', '--upload-density', '0.05',
+          '--download-density', '0.1', '--shared-fraction', '0.2',
+          '--catch-up', 'topk', '--catch-up-density', '0.04', '--privacy',
+          'client', '--noise-multiplier', '1.2', '--l2-norm-clip', '0.3',
+          '--delta', '1e-6', '--batch-size', '8', '--local-steps', '3',
+          '--client-lr', '0.05', '--server-learning-rate', '0.5',
+          '--value-bits', '16', '--seed', '4', '--out', 'x', '--no-baseline',
+          '--no-progress']
+  assert cli.main(argv) == 0
+  (config, job), = trains
+  assert config == run_config.RunConfig(
+      dataset='mnist', rounds=7, clients_per_round=5, num_clients=50,
+      partition='dirichlet', alpha=0.3, upload_density=0.05,
+      download_density=0.1, shared_fraction=0.2, catch_up='topk',
+      catch_up_density=0.04, privacy='client', noise_multiplier=1.2,
+      l2_norm_clip=0.3, delta=1e-6, batch_size=8, local_steps=3,
+      client_learning_rate=0.05, server_learning_rate=0.5, value_bits=16,
+      seed=4)
+  assert job == run_config.JobOptions(out='x', baseline=False, progress=False)
+  assert cli.main(['run', '--privacy', 'none']) == 0
+  assert trains[-1][0].privacy is None
+
+
+def test_run_refuses_the_old_baseline_flag(refusals, capsys):
+  """The baseline runs by default; `--baseline` is gone (--no-baseline)."""
+  del refusals
+  with pytest.raises(SystemExit) as e:
+    cli.main([*RUN, '--baseline'])
+  assert e.value.code == 2
+  assert 'unrecognized arguments: --baseline' in capsys.readouterr().err
+
+
+def test_bench_flags_are_not_parsed_by_the_run_parser(monkeypatch):
+  seen = []
+  monkeypatch.setattr(cli, '_bench', lambda args, rest: seen.append(rest) or 0)
+  flags = ['--quick', '--rounds', '0', '--methods', 'fedavg', '--out', 'x']
+  assert cli.main(['bench', *flags]) == 0
+  assert seen == [flags]
+
+
+def test_version(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(['--version'])
+  assert e.value.code == 0
+  assert capsys.readouterr().out == f'tf-dpsparse {tds.__version__}\n'
+
+
+def test_help_lists_every_default_without_importing_tensorflow():
+  """--help used to cost 5-9 s of TensorFlow import; it lists run's defaults
+  (from RunConfig) both in `run --help` and in `tf-dpsparse --help`."""
+  code = textwrap.dedent("""
+      import contextlib, io, sys
+      from tf_dpsparse import cli
+      for argv in (['--help'], ['run', '--help'], ['--version']):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+          try:
+            cli.main(argv)
+          except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+        print(out.getvalue())
+        print('=====')
+      print(sorted(m for m in sys.modules if m.split('.')[0] in
+                   ('tensorflow', 'tensorflow_federated', 'numpy')))
+  """)
+  env = dict(os.environ, COLUMNS='10000')  # no wrapping inside a flag name
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=120, check=True, env=env)
+  top, run, version, modules = proc.stdout.split('=====\n')
+  assert modules.strip() == '[]'
+  assert version.strip() == f'tf-dpsparse {tds.__version__}'
+  run, top = ' '.join(run.split()), ' '.join(top.split())  # one line each
+  for field in dataclasses.fields(run_config.RunConfig):
+    flag = '--' + field.name.replace('_', '-')
+    default = field.metadata.get('default_text', field.default)
+    default = 'none' if default is None else str(default)
+    assert f'(default: {default})' in run and flag in run, field.name
+    assert f'{flag} {default}' in top, field.name
+  assert '--no-baseline' in run and '--client-lr' in run
+  assert '--no-baseline skips it' in top
+

@@ -103,7 +103,8 @@ def test_cli_help():
 
 
 def test_run_command_writes_results_and_leaves_no_worker(tmp_path):
-  """`tf-dpsparse run` end to end on digits (tiny), with piped output."""
+  """`tf-dpsparse run` end to end on digits (tiny), with piped output; the
+  dense baseline runs beside it by default."""
   out_dir = tmp_path / 'run'
   _python(f"""
       import sys
@@ -111,7 +112,7 @@ def test_run_command_writes_results_and_leaves_no_worker(tmp_path):
       sys.exit(cli.main(['run', '--dataset', 'digits', '--num-clients', '10',
                          '--clients-per-round', '5', '--rounds', '2',
                          '--privacy', 'example', '--target-epsilon', '4',
-                         '--local-steps', '2', '--baseline', '--no-progress',
+                         '--local-steps', '2', '--no-progress',
                          '--out', {str(out_dir)!r}]))
   """, timeout=600)
   import json
@@ -127,22 +128,20 @@ def test_run_command_writes_results_and_leaves_no_worker(tmp_path):
   assert 0 <= sparse['rounds'][-1]['device_accuracy'] <= 1
 
 
-def test_run_flags_default_to_run_config():
-  """`tf-dpsparse run` with no flags is `RunConfig()`: one source of defaults."""
-  pytest.importorskip('tensorflow_federated')
+def test_run_flags_default_to_run_config(monkeypatch):
+  """`tf-dpsparse run` with no flags is `RunConfig()`: one source of defaults
+  (the generated parser holds none of its own)."""
   import dataclasses
   from tf_dpsparse import cli
-  from tf_dpsparse.federated import simulation
-  parser = cli.build_parser()
-  args = parser.parse_args(['run'])
-  renamed = {'client_learning_rate': 'client_lr',
-             'server_learning_rate': 'server_lr'}
-  defaults = simulation.RunConfig()
-  for field in dataclasses.fields(simulation.RunConfig):
-    flag = renamed.get(field.name, field.name)
-    if field.name in ('privacy', 'target_epsilon'):
-      continue  # 'example' spelled as a choice; ε resolved in `_run`
-    assert getattr(args, flag) == getattr(defaults, field.name), field.name
+  from tf_dpsparse import config
+  seen = []
+  monkeypatch.setattr(cli, '_train',
+                      lambda run_config, job: seen.append(run_config) or 0)
+  assert cli.main(['run']) == 0
+  assert seen == [config.RunConfig()]
+  args = cli.build_parser().parse_args(['run'])
+  assert not {f.name for f in dataclasses.fields(config.RunConfig)} & set(
+      vars(args))
 
 def test_latest_cardinality_closes_the_previous_client_counts_executor():
   """The worker keeps one executor stack per client count unless told."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+import tf_dpsparse
+from tf_dpsparse import config as run_config
 
 
 def _epsilon(args) -> int:
@@ -13,7 +17,8 @@ def _epsilon(args) -> int:
   eps = privacy.compute_epsilon(args.noise_multiplier, args.sampling_rate,
                                 args.steps, args.delta, args.accountant)
   print(f'ε = {eps:.4f} at δ = {args.delta:g} ({args.accountant}; σ = '
-        f'{args.noise_multiplier}, q = {args.sampling_rate}, steps = {args.steps})')
+        f'{args.noise_multiplier}, q = {args.sampling_rate}, '
+        f'steps = {args.steps})')
   return 0
 
 
@@ -30,31 +35,28 @@ def _calibrate(args) -> int:
 
 
 def _run(args) -> int:
-  """Trains as `args` say; `RunConfig` alone decides ε vs noise (and refuses
-  both), so the flags mean what the config means."""
-  from tf_dpsparse.federated import simulation
-  privacy = None if args.privacy == 'none' else args.privacy
-  config = simulation.RunConfig(
-      dataset=args.dataset, rounds=args.rounds,
-      clients_per_round=args.clients_per_round, num_clients=args.num_clients,
-      partition=args.partition, alpha=args.alpha,
-      upload_density=args.upload_density, download_density=args.download_density,
-      shared_fraction=args.shared_fraction, catch_up=args.catch_up,
-      catch_up_density=args.catch_up_density, privacy=privacy,
-      target_epsilon=args.target_epsilon,
-      noise_multiplier=args.noise_multiplier,
-      l2_norm_clip=args.l2_norm_clip, delta=args.delta,
-      batch_size=args.batch_size, local_steps=args.local_steps,
-      client_learning_rate=args.client_lr,
-      server_learning_rate=args.server_lr, value_bits=args.value_bits,
-      seed=args.seed)
-  progress = not args.no_progress
-  results = [simulation.run(config, progress=progress, label=(
-      f'dp-sparse ↑{config.upload_density:g} ↓{config.download_density:g}'))]
-  if args.baseline:
-    results.append(simulation.run(config.dense(), progress=progress,
+  """Trains as `args` say. Only the flags given reach `RunConfig`, which
+  holds every default and refuses a bad or ignored flag before any work."""
+  given = vars(args)
+  config = run_config.RunConfig.from_flags(
+      {f.name: given[f.name] for f in _fields(run_config.RunConfig)
+       if f.name in given})
+  job = run_config.JobOptions(**{f.name: given[f.name] for f in _fields(
+      run_config.JobOptions) if f.name in given})
+  return _train(config, job)
+
+
+def _train(config: run_config.RunConfig, job: run_config.JobOptions) -> int:
+  """Runs `config` (and its dense-DP baseline unless `job` says not to),
+  saves the results and prints the table."""
+  from tf_dpsparse.federated import simulation  # imports TensorFlow
+  label = (f'dp-sparse ↑{config.upload_density:g} '
+           f'↓{config.download_density:g}')
+  results = [simulation.run(config, progress=job.progress, label=label)]
+  if job.baseline:
+    results.append(simulation.run(config.dense(), progress=job.progress,
                                   label='dense (same privacy)'))
-  paths = simulation.save(results, args.out)
+  paths = simulation.save(results, job.out)
   print()
   print(simulation.summary_table(results))
   print(f'\nwrote {paths["rounds.json"]}, {paths["summary.md"]}, '
@@ -80,61 +82,72 @@ def _bench(args, rest) -> int:
   return paper_table.main(rest, prog='tf-dpsparse bench')
 
 
+def _fields(cls):
+  return dataclasses.fields(cls)
+
+
+def _cli_choice(choice) -> str:
+  return 'none' if choice is None else str(choice)
+
+
+def _cli_value(field: dataclasses.Field) -> Callable[[str], object]:
+  """Converts a flag's text to the field's value ('none' is `None` where
+  `None` is a choice)."""
+  kind = run_config.field_type(field)
+
+  def convert(text: str):
+    if text == 'none' and None in field.metadata.get('choices', ()):
+      return None
+    return kind(text)
+
+  convert.__name__ = kind.__name__  # argparse names the type in errors
+  return convert
+
+
+def _add_field(group, field: dataclasses.Field) -> None:
+  """One flag from a config field: `--name-with-dashes` (and any aliases),
+  its type, choices and help with the field's default. The parser's default
+  is SUPPRESS, so the namespace holds only the flags given and the config
+  supplies the rest: its defaults are the only ones."""
+  meta, dashed = field.metadata, field.name.replace('_', '-')
+  text = meta['help']
+  if run_config.field_type(field) is bool:
+    flag = f'--no-{dashed}' if field.default else f'--{dashed}'
+    group.add_argument(flag, dest=field.name, default=argparse.SUPPRESS,
+                       action='store_false' if field.default else
+                       'store_true', help=(text + (
+                           f' (on by default; {flag} turns it off)' if
+                           field.default else ' (off by default)')).replace(
+                               '%', '%%'))
+    return
+  default = meta.get('default_text', _cli_choice(field.default))
+  choices = meta.get('choices')
+  group.add_argument(
+      f'--{dashed}', *meta.get('aliases', ()), dest=field.name,
+      default=argparse.SUPPRESS, type=_cli_value(field), choices=choices,
+      metavar=run_config.field_type(field).__name__.upper() if choices is None
+      else
+      '{' + ','.join(map(_cli_choice, choices)) + '}',
+      help=f'{text} (default: {default})'.replace('%', '%%'))
+
+
 def _add_run(sub) -> None:
+  """`run`'s flags, generated from `RunConfig` and `JobOptions` fields."""
   run = sub.add_parser(
-      'run', help='the main job: DP-sparse federated training on real data',
+      'run', help='the main job: DP-sparse federated training on real data '
+      'beside its dense-DP baseline',
+      formatter_class=_Formatter,
       description='Federated training with DP uploads and top-k sparse '
-      'updates in both directions; writes rounds.json, summary.md and '
-      'accuracy.png to --out.')
-  run.add_argument('--dataset', default='hapt',
-                   choices=('hapt', 'digits', 'mnist', 'fashion_mnist'))
-  run.add_argument('--rounds', type=int, default=90)
-  run.add_argument('--clients-per-round', type=int, default=None,
-                   help='devices per round (expected number under Poisson '
-                   'sampling for --privacy client); default: all')
-  run.add_argument('--num-clients', type=int, default=None,
-                   help='image datasets: devices to partition into (default 100)')
-  run.add_argument('--partition', choices=('iid', 'dirichlet'),
-                   default='dirichlet', help='image datasets only')
-  run.add_argument('--alpha', type=float, default=0.5,
-                   help='Dirichlet label-skew concentration')
-  run.add_argument('--upload-density', type=float, default=0.01)
-  run.add_argument('--download-density', type=float, default=0.01)
-  run.add_argument('--shared-fraction', type=float, default=0.0,
-                   help='part of each upload spent on the coordinates of the '
-                   'last broadcast, shared by all devices (no index bytes)')
-  run.add_argument('--catch-up', choices=('union', 'topk'), default='union',
-                   help='how a device that missed rounds catches up: union '
-                   '(exact; cheap when devices take part in most rounds) or '
-                   'topk (each device its own view, top-k of what it missed: '
-                   'bounded bytes under sparse client sampling)')
-  run.add_argument('--catch-up-density', type=float, default=None,
-                   help='topk: fraction of parameters per catch-up '
-                   '(default: --download-density)')
-  run.add_argument('--privacy', choices=('example', 'client', 'none'),
-                   default='example',
-                   help='example: local DP-SGD on each device (untrusted '
-                   'server); client: DP-FedAvg (trusted aggregator); none')
-  run.add_argument('--target-epsilon', type=float, default=None,
-                   help='calibrate the noise to spend this ε over --rounds '
-                   '(default 8 unless --noise-multiplier is given)')
-  run.add_argument('--noise-multiplier', type=float, default=None,
-                   help='fixed noise instead of a target ε (not both)')
-  run.add_argument('--l2-norm-clip', type=float, default=1.0)
-  run.add_argument('--delta', type=float, default=1e-5)
-  run.add_argument('--batch-size', type=int, default=16)
-  run.add_argument('--local-steps', type=int, default=2,
-                   help='local SGD / DP-SGD steps per device per round')
-  run.add_argument('--client-lr', type=float, default=0.1)
-  run.add_argument('--server-lr', type=float, default=1.0)
-  run.add_argument('--value-bits', type=int, choices=(32, 16, 8), default=16,
-                   help='wire precision of the values sent each way')
-  run.add_argument('--seed', type=int, default=0,
-                   help='data split, sampling and init (noise stays random)')
-  run.add_argument('--baseline', action='store_true',
-                   help='also run the same job at densities 1.0')
-  run.add_argument('--out', default='runs/latest', help='output directory')
-  run.add_argument('--no-progress', action='store_true')
+      'updates in both directions, and the same job dense beside it; writes '
+      'rounds.json (with the resolved config), summary.md and accuracy.png '
+      'to --out. Every default below is RunConfig\'s '
+      '(tf_dpsparse.config).')
+  group = run.add_argument_group('run configuration (saved with the results)')
+  for field in _fields(run_config.RunConfig):
+    _add_field(group, field)
+  group = run.add_argument_group('job options')
+  for field in _fields(run_config.JobOptions):
+    _add_field(group, field)
   run.set_defaults(func=_run)
 
 
@@ -168,8 +181,9 @@ def _audit(args) -> int:
 
 def _add_audit(sub) -> None:
   audit = sub.add_parser(
-      'audit', help='empirical privacy audit: canaries, ε lower bounds, '
-      'membership inference',
+      'audit', formatter_class=_Formatter,
+      help='empirical privacy audit: canaries, ε lower bounds, membership '
+      'inference',
       description='Trains HAPT (example level) and MNIST (client level) at '
       'ε = 8, at a large ε and without DP, with canaries, and measures the '
       'leakage: the one-run ε lower bound (Steinke et al. 2023), the '
@@ -178,12 +192,14 @@ def _add_audit(sub) -> None:
   audit.add_argument('--quick', action='store_true',
                      help='shorter runs, smaller MNIST population (minutes)')
   audit.add_argument('--units', nargs='+', choices=('example', 'client'),
-                     default=['example', 'client'])
+                     default=['example', 'client'], help='units of privacy')
   audit.add_argument('--large-epsilon', type=float, default=100.0,
                      help='the large ε row that shows the audit\'s power')
-  audit.add_argument('--seed', type=int, default=0)
+  audit.add_argument('--seed', type=int, default=0,
+                     help='data split, sampling and initial models')
   audit.add_argument('--out', default='runs/audit', help='output directory')
-  audit.add_argument('--no-progress', action='store_true')
+  audit.add_argument('--no-progress', action='store_true',
+                     help='no progress bars')
   audit.set_defaults(func=_audit)
 
 
@@ -193,43 +209,74 @@ def _add_schedule(parser) -> None:
                       'clients per round / total clients)')
   parser.add_argument('--steps', type=int, required=True,
                       help='number of steps (or rounds)')
-  parser.add_argument('--delta', type=float, default=1e-5, help='δ (default 1e-5)')
-  parser.add_argument('--accountant', choices=('rdp', 'pld'), default='rdp')
+  parser.add_argument('--delta', type=float, default=1e-5, help='δ')
+  parser.add_argument('--accountant', choices=('rdp', 'pld'), default='rdp',
+                      help='dp_accounting accountant')
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='tf-dpsparse',
-      description='Differentially private, top-k sparse federated learning.')
-  sub = parser.add_subparsers(dest='command', required=True)
-  _add_run(sub)
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows each flag's default, except `None` (its help says what it means)."""
 
-  eps = sub.add_parser('epsilon', help='ε of a sampled-Gaussian schedule')
-  eps.add_argument('--noise-multiplier', '-z', type=float, required=True)
-  _add_schedule(eps)
-  eps.set_defaults(func=_epsilon)
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
 
-  cal = sub.add_parser('calibrate',
-                       help='noise multiplier that spends a target ε')
-  cal.add_argument('--target-epsilon', '-e', type=float, required=True)
-  _add_schedule(cal)
-  cal.set_defaults(func=_calibrate)
 
+def _run_defaults() -> str:
+  """`run`'s defaults in one line, from `RunConfig` (for `tf-dpsparse -h`)."""
+  fields = [*_fields(run_config.RunConfig), *_fields(run_config.JobOptions)]
+  return 'run defaults: ' + '; '.join(
+      f'--{f.name.replace("_", "-")} '
+      f'{f.metadata.get("default_text", _cli_choice(f.default))}'
+      for f in fields if not isinstance(f.default, bool)) + (
+          '; the dense-DP baseline runs beside it (--no-baseline skips it).')
+
+
+def _add_data(sub) -> None:
   data = sub.add_parser(
-      'data', help='load a shipped data set and summarize its clients')
-  data.add_argument('name', help="'digits', 'mnist', 'fashion_mnist' or 'hapt'")
-  data.add_argument('--partition', choices=('natural', 'iid', 'dirichlet'),
+      'data', help='load a shipped data set and summarize its clients',
+      formatter_class=_Formatter)
+  data.add_argument('name', choices=run_config.DATASETS, help='data set')
+  data.add_argument('--partition', choices=run_config.PARTITIONS,
                     help="default: 'natural' for hapt (its users), else 'iid'")
   data.add_argument('--num-clients', '-n', type=int,
-                    help='clients of an iid or dirichlet partition')
+                    help='clients of an iid or dirichlet partition (default: '
+                    'digits 10, mnist and fashion_mnist 100)')
   data.add_argument('--alpha', type=float, default=0.5,
-                    help='Dirichlet concentration (default 0.5)')
-  data.add_argument('--seed', type=int, default=0)
+                    help='Dirichlet concentration')
+  data.add_argument('--seed', type=int, default=0, help='split seed')
   data.add_argument('--test-users', type=int,
                     help='hapt: hold out this many users as the test set '
                     '(default: a per-user split)')
   data.set_defaults(func=_data)
 
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `tf-dpsparse` parser; building it imports nothing heavy."""
+  parser = argparse.ArgumentParser(
+      prog='tf-dpsparse', formatter_class=_Formatter,
+      description='Differentially private, top-k sparse federated learning. '
+      '`tf-dpsparse <command> --help` lists a command\'s flags and defaults.',
+      epilog=_run_defaults().replace('%', '%%'))
+  parser.add_argument('--version', action='version',
+                      version=f'tf-dpsparse {tf_dpsparse.__version__}')
+  sub = parser.add_subparsers(dest='command', required=True)
+  _add_run(sub)
+
+  eps = sub.add_parser('epsilon', help='ε of a sampled-Gaussian schedule',
+                       formatter_class=_Formatter)
+  eps.add_argument('--noise-multiplier', '-z', type=float, required=True)
+  _add_schedule(eps)
+  eps.set_defaults(func=_epsilon)
+
+  cal = sub.add_parser('calibrate', formatter_class=_Formatter,
+                       help='noise multiplier that spends a target ε')
+  cal.add_argument('--target-epsilon', '-e', type=float, required=True)
+  _add_schedule(cal)
+  cal.set_defaults(func=_calibrate)
+
+  _add_data(sub)
   _add_audit(sub)
   sub.add_parser(  # flags parsed by benchmarks/paper_table.py; see main()
       'bench', add_help=False,

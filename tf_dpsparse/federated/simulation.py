@@ -9,6 +9,9 @@ Client sampling follows the accountant: client-level DP samples each device
 independently with probability clients_per_round / total_clients (Poisson);
 the other modes take a uniform sample of fixed size (all devices by default,
 as with HAPT's 30 users).
+
+`RunConfig` lives in `tf_dpsparse.config` (no TensorFlow, so the command line
+can read its defaults cheaply) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -26,70 +29,22 @@ import tensorflow_federated as tff
 from tf_dpsparse import core
 from tf_dpsparse import data as data_lib
 from tf_dpsparse import models
+from tf_dpsparse.config import DEFAULT_TARGET_EPSILON  # noqa: F401 re-export
+from tf_dpsparse.config import RunConfig
 from tf_dpsparse.federated.client_states import ClientStateStore
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 
 
 DEVICES_SCORED = 5  # views scored per round with catch_up='topk'
-DEFAULT_TARGET_EPSILON = 8.0  # a private run given neither ε nor noise
-
-
-@dataclasses.dataclass
-class RunConfig:
-  """Everything a run depends on; saved beside its results."""
-  dataset: str = 'hapt'
-  rounds: int = 90
-  clients_per_round: Optional[int] = None  # None: every device, every round
-  num_clients: Optional[int] = None  # image sets: how many devices to split into
-  partition: str = 'dirichlet'
-  alpha: float = 0.5
-  upload_density: float = 0.01
-  download_density: float = 0.01
-  shared_fraction: float = 0.0
-  catch_up: str = 'union'
-  catch_up_density: Optional[float] = None  # 'topk': default download_density
-  privacy: Optional[str] = 'example'
-  # Give one or neither: neither means DEFAULT_TARGET_EPSILON (__post_init__).
-  target_epsilon: Optional[float] = None
-  noise_multiplier: Optional[float] = None
-  l2_norm_clip: float = 1.0
-  delta: float = 1e-5
-  batch_size: int = 16
-  local_steps: int = 2
-  client_learning_rate: float = 0.1
-  server_learning_rate: float = 1.0
-  value_bits: int = 16
-  seed: int = 0
-
-  def __post_init__(self):
-    """Resolves the privacy target in one place (the CLI relies on it).
-
-    A noise multiplier and a target ε together are refused: one would
-    silently override the other, and the ε reported would not be the one
-    asked for. A private run given neither aims at DEFAULT_TARGET_EPSILON.
-    """
-    if self.noise_multiplier is not None and self.target_epsilon is not None:
-      raise ValueError(
-          f'give target_epsilon ({self.target_epsilon}) or noise_multiplier '
-          f'({self.noise_multiplier}), not both: the noise is calibrated from '
-          'the target, so one would silently override the other.')
-    if self.privacy is not None and self.noise_multiplier is None and (
-        self.target_epsilon is None):
-      self.target_epsilon = DEFAULT_TARGET_EPSILON
-
-  def dense(self) -> 'RunConfig':
-    """The same run dense and float32 both ways: the baseline of every ratio."""
-    return dataclasses.replace(self, upload_density=1.0, download_density=1.0,
-                               shared_fraction=0.0, value_bits=32)
 
 
 def load_data(config: RunConfig):
-  """The run's federated data set (`tds.data.load` with the config's split)."""
-  kwargs = {'seed': config.seed}
-  if config.dataset != 'hapt':
-    kwargs.update(num_clients=config.num_clients or 100,
-                  partition=config.partition, alpha=config.alpha)
-  return data_lib.load(config.dataset, **kwargs)
+  """The run's federated data set: `tds.data.load` with the config's
+  (resolved) split; natural users take no device count."""
+  kwargs = {} if config.partition == 'natural' else dict(
+      num_clients=config.num_clients, alpha=config.alpha)
+  return data_lib.load(config.dataset, partition=config.partition,
+                       seed=config.seed, **kwargs)
 
 
 def device_dataset(examples: tf.data.Dataset, num_examples: int,
