@@ -7,6 +7,7 @@ importing TensorFlow.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -317,3 +318,24 @@ def test_help_lists_every_default_without_importing_tensorflow():
   assert '--no-baseline' in run and '--client-lr' in run
   assert '--no-baseline skips it' in top
 
+
+def test_client_run_whose_poisson_samples_are_all_empty(tmp_path, capfd):
+  """Every round's Poisson sample empty (this seed): the run used to end in
+  an IndexError. It reports the initial model, charges the skipped round's
+  ε, and saves the resolved config."""
+  _simulation()
+  out = tmp_path / 'run'
+  assert cli.main(['run', '--privacy', 'client', '--clients-per-round', '1',
+                   '--seed', '6', '--rounds', '1', '--dataset', 'digits',
+                   '--num-clients', '10', '--no-baseline', '--no-progress',
+                   '--out', str(out)]) == 0
+  captured = capfd.readouterr()  # fd level: TFF's worker wants a fileno
+  assert 'no round ran' in captured.err
+  assert '(no round ran: initial model)' in captured.out
+  result, = json.loads((out / 'rounds.json').read_text())
+  summary = result['summary']
+  assert result['rounds'] == [] and summary['rounds_completed'] == 0
+  assert 0 <= summary['final_accuracy'] <= 1
+  assert 0 < summary['epsilon'] <= 8.0  # the skipped round is charged
+  assert (result['config']['clients_per_round'], result['config'][
+      'num_clients'], result['config']['partition']) == (1, 10, 'iid')

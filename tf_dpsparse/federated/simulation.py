@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Callable, List, Optional
 
@@ -103,128 +104,193 @@ def model_fns(fed, seed: int):
   return keras_model, model_fn
 
 
-def run(config: RunConfig, *, progress: bool = True,
-        label: Optional[str] = None,
-        builder: Callable = build_dp_sparse_fed_avg) -> dict:
-  """Runs `config` and returns {'config', 'rounds', 'ledger', 'summary'}.
+class _Scorer:
+  """Test-set accuracy of the server's model or of flat weights (a device's
+  public model or view), on one compiled Keras model."""
 
-  `builder` takes `build_dp_sparse_fed_avg`'s arguments and returns a process
-  with its interface (`initialize`, `next` -> `RoundOutput`, `skip_round`,
-  `get_model_weights`, `ledger`, `noise_multiplier`, `size`): baselines run on
-  the same data, sampling and evaluation through it (benchmarks/).
+  def __init__(self, keras_model, test_arrays):
+    self.model = keras_model
+    self.model.compile(
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=['accuracy'])
+    self.x, self.y = test_arrays
+
+  def server(self, process, state):
+    """(test loss, accuracy) of the server's global model."""
+    process.get_model_weights(state).assign_weights_to(self.model)
+    return self.model.evaluate(self.x, self.y, batch_size=1024, verbose=0)
+
+  def flat(self, flat_weights) -> float:
+    for variable, value in zip(self.model.trainable_weights, core.unflatten(
+        flat_weights, self.model.trainable_weights)):
+      variable.assign(value)
+    return self.model.evaluate(self.x, self.y, batch_size=1024, verbose=0)[1]
+
+  def devices(self, process, state, client_states, last: bool,
+              server_accuracy: float) -> float:
+    """Accuracy on the devices. With a compressed download, devices hold the
+    public model, not the server's: score that (it is what users of the
+    devices get). With their own views, score the round's devices'
+    (DEVICES_SCORED of them, all of them in the last round); before any
+    round, a device's view is the public model."""
+    if getattr(process, 'catch_up', None) == 'topk' and client_states:
+      scored = client_states[:None if last else DEVICES_SCORED]
+      return float(np.mean([self.flat(s['view']) for s in scored]))
+    if hasattr(process, 'get_public_weights'):
+      return self.flat(process.get_public_weights(state))
+    return server_accuracy
+
+
+def _sample(config: RunConfig, client_ids: List[str], per_round: int, rng):
+  """A round's devices as the accountant assumes them: Poisson at rate
+  per_round / total for client-level DP, else a uniform fixed-size sample."""
+  if config.privacy == 'client':
+    return data_lib.sample_clients(client_ids, rng=rng,
+                                   rate=per_round / len(client_ids))
+  return data_lib.sample_clients(client_ids, rng=rng,
+                                 clients_per_round=per_round)
+
+
+def _record(round_num: int, metrics, accuracies, clients: int,
+            cumulative: dict, seconds: float) -> dict:
+  """One round's row of rounds.json; adds its bytes to `cumulative`."""
+  m = metrics
+  test_loss, accuracy, device_accuracy = accuracies
+  cumulative['up'] += int(m['bytes_up'])
+  cumulative['down'] += int(m['bytes_down'])
+  cumulative['dense'] += int(m['dense_bytes_up']) + int(m['dense_bytes_down'])
+  return {
+      'round': round_num, 'accuracy': float(accuracy),
+      'device_accuracy': float(device_accuracy),
+      'test_loss': float(test_loss), 'train_loss': float(m['loss']),
+      'epsilon': float(m['epsilon']), 'clients': clients,
+      'bytes_up': int(m['bytes_up']), 'bytes_down': int(m['bytes_down']),
+      'dense_bytes_up': int(m['dense_bytes_up']),
+      'dense_bytes_down': int(m['dense_bytes_down']),
+      'cumulative_mb': (cumulative['up'] + cumulative['down']) / 1e6,
+      'cumulative_dense_mb': cumulative['dense'] / 1e6,
+      'clipped_fraction': float(m['clipped_fraction']),
+      'server_residual_norm': float(m['server_residual_norm']),
+      'seconds': seconds,
+  }
+
+
+def _progress_bar(config: RunConfig, progress: bool, label: Optional[str]):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=config.rounds, desc=label or config.dataset, unit='round')
+
+
+def _train(config: RunConfig, fed, process, scorer: _Scorer, bar):
+  """Runs the rounds; returns (final state, rows, cumulative bytes).
+
+  A round whose Poisson sample is empty releases nothing: it is skipped
+  (`process.skip_round()` still charges its ε) and leaves no row.
   """
-  fed = load_data(config)
   client_ids = list(fed.client_ids)
-  total = len(client_ids)
-  per_round = config.clients_per_round or total
-  if per_round > total:
-    raise ValueError(f'clients_per_round={per_round} but the dataset has '
-                     f'{total} clients.')
-  x_test, y_test = fed.test_arrays()
-  min_examples = min(fed.client_sizes.values())
-  keras_model, model_fn = model_fns(fed, config.seed)
-
-  process = build_process(config, model_fn, total_clients=total,
-                          min_client_examples=min_examples, builder=builder)
-  evaluator = keras_model()
-  evaluator.compile(
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=['accuracy'])
+  per_round = config.clients_per_round or len(client_ids)
   rng = np.random.default_rng(config.seed)
   state = process.initialize()
   own_views = getattr(process, 'catch_up', None) == 'topk'
   store = ClientStateStore(
-      total, process.size,
+      len(client_ids), process.size,
       initial_view=process.get_public_weights(state) if own_views else None)
-
-  def accuracy_of(flat_weights) -> float:
-    for variable, value in zip(evaluator.trainable_weights, core.unflatten(
-        flat_weights, evaluator.trainable_weights)):
-      variable.assign(value)
-    return evaluator.evaluate(x_test, y_test, batch_size=1024, verbose=0)[1]
-
   rounds: List[dict] = []
   cumulative = {'up': 0, 'down': 0, 'dense': 0}
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=config.rounds, desc=label or config.dataset, unit='round')
   for round_num in range(1, config.rounds + 1):
-    if config.privacy == 'client':
-      sampled = data_lib.sample_clients(client_ids, rng=rng,
-                                        rate=per_round / total)
-    else:
-      sampled = data_lib.sample_clients(client_ids, rng=rng,
-                                        clients_per_round=per_round)
+    sampled = _sample(config, client_ids, per_round, rng)
     if not sampled:  # Poisson sampling drew nobody: nothing is released
       process.skip_round()
       if bar is not None:
         bar.update(1)
       continue
-    indices = [client_ids.index(c) for c in sampled]
     start = time.perf_counter()
     out = process.next(
         state, [device_dataset(fed.client_dataset(c), fed.client_sizes[c],
                                config, rng) for c in sampled],
-        store.get(indices))
+        store.get([client_ids.index(c) for c in sampled]))
     seconds = time.perf_counter() - start
     store.put(out.client_states)
     state = out.state
-    process.get_model_weights(state).assign_weights_to(evaluator)
-    test_loss, accuracy = evaluator.evaluate(x_test, y_test, batch_size=1024,
-                                             verbose=0)
-    # With a compressed download, devices hold the public model, not the
-    # server's: score that too (it is what users of the devices get). With
-    # their own views, score the round's devices' (DEVICES_SCORED of them,
-    # all of them in the last round).
-    device_accuracy = accuracy
-    if own_views:
-      scored = out.client_states[:None if round_num == config.rounds
-                                 else DEVICES_SCORED]
-      device_accuracy = np.mean([accuracy_of(s['view']) for s in scored])
-    elif hasattr(process, 'get_public_weights'):
-      device_accuracy = accuracy_of(process.get_public_weights(state))
-    m = out.metrics
-    cumulative['up'] += int(m['bytes_up'])
-    cumulative['down'] += int(m['bytes_down'])
-    cumulative['dense'] += int(m['dense_bytes_up']) + int(m['dense_bytes_down'])
-    record = {
-        'round': round_num, 'accuracy': float(accuracy),
-        'device_accuracy': float(device_accuracy),
-        'test_loss': float(test_loss), 'train_loss': float(m['loss']),
-        'epsilon': float(m['epsilon']), 'clients': len(sampled),
-        'bytes_up': int(m['bytes_up']), 'bytes_down': int(m['bytes_down']),
-        'dense_bytes_up': int(m['dense_bytes_up']),
-        'dense_bytes_down': int(m['dense_bytes_down']),
-        'cumulative_mb': (cumulative['up'] + cumulative['down']) / 1e6,
-        'cumulative_dense_mb': cumulative['dense'] / 1e6,
-        'clipped_fraction': float(m['clipped_fraction']),
-        'server_residual_norm': float(m['server_residual_norm']),
-        'seconds': seconds,
-    }
-    rounds.append(record)
+    test_loss, accuracy = scorer.server(process, state)
+    device_accuracy = scorer.devices(process, state, out.client_states,
+                                     round_num == config.rounds, accuracy)
+    rounds.append(_record(round_num, out.metrics,
+                          (test_loss, accuracy, device_accuracy),
+                          len(sampled), cumulative, seconds))
     if bar is not None:
-      bar.set_postfix(acc=f'{accuracy:.3f}', device=f'{device_accuracy:.3f}', eps=f'{record["epsilon"]:.2f}',
-                      MB=f'{record["cumulative_mb"]:.2f}')
+      bar.set_postfix(acc=f'{accuracy:.3f}', device=f'{device_accuracy:.3f}',
+                      eps=f'{rounds[-1]["epsilon"]:.2f}',
+                      MB=f'{rounds[-1]["cumulative_mb"]:.2f}')
       bar.update(1)
-  if bar is not None:
-    bar.close()
+  return state, rounds, cumulative
+
+
+def _summary(config: RunConfig, process, rounds: List[dict],
+             cumulative: dict, final_accuracies) -> dict:
+  """The run's summary: final accuracies, ε spent, bytes against dense."""
   total_bytes = cumulative['up'] + cumulative['down']
-  summary = {
-      'final_accuracy': rounds[-1]['accuracy'],
-      'final_device_accuracy': rounds[-1]['device_accuracy'],
+  return {
+      'final_accuracy': float(final_accuracies[0]),
+      'final_device_accuracy': float(final_accuracies[1]),
+      'rounds_completed': len(rounds),
       'epsilon': 0.0 if process.ledger is None else process.ledger.epsilon,
       'delta': config.delta,
       'noise_multiplier': process.noise_multiplier,
       'mb_up': cumulative['up'] / 1e6, 'mb_down': cumulative['down'] / 1e6,
       'dense_mb': cumulative['dense'] / 1e6,
       'percent_of_dense': 100 * total_bytes / max(cumulative['dense'], 1),
-      'seconds_per_round': float(np.mean([r['seconds'] for r in rounds])),
+      'seconds_per_round': float(np.mean([r['seconds'] for r in rounds]))
+                           if rounds else 0.0,
       'parameters': process.size,
   }
-  return {'label': label or 'dp-sparse', 'config': dataclasses.asdict(config),
-          'rounds': rounds, 'summary': summary,
-          'ledger': None if process.ledger is None else process.ledger.to_dict()}
+
+
+def run(config: RunConfig, *, progress: bool = True,
+        label: Optional[str] = None,
+        builder: Callable = build_dp_sparse_fed_avg) -> dict:
+  """Runs `config` and returns {'label', 'config', 'rounds', 'summary',
+  'ledger'}; 'config' is `config.resolved()`, the values that ran.
+
+  `builder` takes `build_dp_sparse_fed_avg`'s arguments and returns a process
+  with its interface (`initialize`, `next` -> `RoundOutput`, `skip_round`,
+  `get_model_weights`, `ledger`, `noise_multiplier`, `size`): baselines run on
+  the same data, sampling and evaluation through it (benchmarks/).
+
+  If no round ran (client-level Poisson sampling drew nobody in every
+  round), the final accuracies are the initial model's, `rounds` is empty,
+  `summary['rounds_completed']` is 0 and ε still counts the skipped rounds
+  (each is a release of nothing, charged by `process.skip_round()`); a note
+  goes to stderr, and `summary_table` marks the row.
+  """
+  fed = load_data(config)
+  total = len(fed.client_ids)
+  if (config.clients_per_round or total) > total:
+    raise ValueError(f'clients_per_round={config.clients_per_round} but the '
+                     f'dataset has {total} clients.')
+  keras_model, model_fn = model_fns(fed, config.seed)
+  process = build_process(config, model_fn, total_clients=total,
+                          min_client_examples=min(fed.client_sizes.values()),
+                          builder=builder)
+  scorer = _Scorer(keras_model(), fed.test_arrays())
+  bar = _progress_bar(config, progress, label)
+  state, rounds, cumulative = _train(config, fed, process, scorer, bar)
+  if bar is not None:
+    bar.close()
+  if rounds:
+    final = rounds[-1]['accuracy'], rounds[-1]['device_accuracy']
+  else:
+    print(f'{label or config.dataset}: no round ran: client sampling drew no '
+          f'device in any of the {config.rounds} rounds; the accuracy is the '
+          'initial model\'s.', file=sys.stderr)
+    accuracy = scorer.server(process, state)[1]
+    final = accuracy, scorer.devices(process, state, [], True, accuracy)
+  return {'label': label or 'dp-sparse',
+          'config': dataclasses.asdict(config.resolved()), 'rounds': rounds,
+          'summary': _summary(config, process, rounds, cumulative, final),
+          'ledger': None if process.ledger is None else
+                    process.ledger.to_dict()}
 
 
 def summary_table(results: List[dict]) -> str:
@@ -236,10 +302,13 @@ def summary_table(results: List[dict]) -> str:
     s = r['summary']
     eps = '∞ (non-private)' if r['config']['privacy'] is None else (
         f'{s["epsilon"]:.2f} ({s["delta"]:g})')
-    lines.append(f'| {r["label"]} | {eps} | {s["final_accuracy"]:.4f} | '
+    label = r['label'] if s.get('rounds_completed', 1) else (
+        f'{r["label"]} (no round ran: initial model)')
+    lines.append(f'| {label} | {eps} | {s["final_accuracy"]:.4f} | '
                  f'{s["final_device_accuracy"]:.4f} | '
                  f'{s["mb_up"]:.3f} | {s["mb_down"]:.3f} | '
-                 f'{s["percent_of_dense"]:.2f} % | {s["seconds_per_round"]:.2f} |')
+                 f'{s["percent_of_dense"]:.2f} % | '
+                 f'{s["seconds_per_round"]:.2f} |')
   return '\n'.join(lines)
 
 
