@@ -266,7 +266,8 @@ def test_run_refuses_the_old_baseline_flag(refusals, capsys):
   with pytest.raises(SystemExit) as e:
     cli.main([*RUN, '--baseline'])
   assert e.value.code == 2
-  assert 'unrecognized arguments: --baseline' in capsys.readouterr().err
+  assert ('--baseline was removed: the dense-DP baseline runs by default '
+          'now (--no-baseline skips it)') in capsys.readouterr().err
 
 
 def test_bench_flags_are_not_parsed_by_the_run_parser(monkeypatch):

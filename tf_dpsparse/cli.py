@@ -125,8 +125,8 @@ def _add_field(group, field: dataclasses.Field) -> None:
   group.add_argument(
       f'--{dashed}', *meta.get('aliases', ()), dest=field.name,
       default=argparse.SUPPRESS, type=_cli_value(field), choices=choices,
-      metavar=run_config.field_type(field).__name__.upper() if choices is None
-      else
+      metavar=meta.get('metavar', run_config.field_type(
+          field).__name__.upper()) if choices is None else
       '{' + ','.join(map(_cli_choice, choices)) + '}',
       help=f'{text} (default: {default})'.replace('%', '%%'))
 
@@ -148,7 +148,19 @@ def _add_run(sub) -> None:
   group = run.add_argument_group('job options')
   for field in _fields(run_config.JobOptions):
     _add_field(group, field)
+  run.add_argument('--baseline', action=_Removed, help=argparse.SUPPRESS,
+                   dest='removed', default=argparse.SUPPRESS, nargs=0,
+                   const='the dense-DP baseline runs by default now '
+                   '(--no-baseline skips it)')
   run.set_defaults(func=_run)
+
+
+class _Removed(argparse.Action):
+  """A removed flag: refused with what replaced it (`const`), not as an
+  unknown argument."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    parser.error(f'{option_string} was removed: {self.const}.')
 
 
 def _data(args) -> int:

@@ -9,7 +9,8 @@ imported: this module imports neither, which keeps `tf-dpsparse --help` fast.
 
 Each field's metadata holds its `help`, and where they apply its `choices`,
 `valid` (a `Rule`: the range a value must lie in), `default_text` (what a
-`None` default resolves to) and `aliases` (older flag names kept working).
+`None` default resolves to), `aliases` (older flag names kept working) and
+`metavar` (the flag's value in usage lines).
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class JobOptions:
   whether the dense-DP baseline runs beside it (not saved in the config:
   they change no result of the run)."""
   out: str = _field('runs/latest', 'output directory for rounds.json, '
-                    'summary.md and accuracy.png')
+                    'summary.md and accuracy.png', metavar='DIR')
   baseline: bool = _field(True, 'also run the dense-DP baseline (the same '
                           'job at densities 1.0 and float32) so the table '
                           'and plot compare the two')
