@@ -1,4 +1,11 @@
-"""The `tf-dpsparse` command."""
+"""The `tf-dpsparse` command.
+
+`run`'s flags are generated from `tf_dpsparse.config.RunConfig` and
+`JobOptions`, so the config is the one place their defaults, help and valid
+ranges live. This module imports only that config at load time (each command
+imports what it needs when it runs), so `--help` and `--version` answer
+without importing TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -254,7 +261,8 @@ def _add_data(sub) -> None:
                     help="default: 'natural' for hapt (its users), else 'iid'")
   data.add_argument('--num-clients', '-n', type=int,
                     help='clients of an iid or dirichlet partition (default: '
-                    'digits 10, mnist and fashion_mnist 100)')
+                    + ', '.join(f'{name} {n}' for name, n in
+                                run_config.DEFAULT_NUM_CLIENTS.items()) + ')')
   data.add_argument('--alpha', type=float, default=0.5,
                     help='Dirichlet concentration')
   data.add_argument('--seed', type=int, default=0, help='split seed')
@@ -298,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs a command; a ValueError (a refused request) becomes one line on
+  stderr and exit code 2, as argparse's own errors do."""
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   if args.command == 'bench':  # its flags are paper_table's

@@ -82,7 +82,8 @@ class RunConfig:
   num_clients: Optional[int] = _field(
       None, 'image sets: devices to split the training set into (hapt\'s '
       'devices are its users)', valid=AT_LEAST_ONE,
-      default_text='digits 10, mnist 100, fashion_mnist 100')
+      default_text=', '.join(f'{name} {n}' for name, n in
+                             DEFAULT_NUM_CLIENTS.items() if name != 'hapt'))
   partition: Optional[str] = _field(
       None, 'image sets: how the training set is split over the devices',
       choices=PARTITIONS, default_text='natural for hapt (its users), iid '
