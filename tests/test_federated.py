@@ -87,8 +87,9 @@ def test_client_level_noise_matches_tff_gaussian_fixed():
   """Server noise stddev within 5 % of TFF's (sampling error ~0.5 % at d=2e4)."""
   size, z, clip, n = 20_000, 1.2, 0.5, 4
   ours = federated.DPSparseAggregatorFactory(
-      size, mode='client', l2_norm_clip=clip, noise_multiplier=z,
-      clients_per_round=n, seed=11).create(federated.sparse_type(size))
+      size, privacy=tds.privacy.ClientLevelDP(
+          clip, z, clients_per_round=n, total_clients=n, seed=11)).create(
+              federated.sparse_type(size))
   zero_uploads = [collections.OrderedDict(
       indices=np.arange(size, dtype=np.int32),
       values=np.zeros(size, np.float32))] * n
@@ -480,3 +481,37 @@ def test_initial_client_state_of_topk_needs_the_state():
                                 process.get_public_weights(state))
   assert list(client_state) == ['residual', 'view', 'last_sync_round',
                                 'client_id']
+
+
+def test_client_level_nests_tff_dp_factory_and_ledger_records_its_event(
+    clients):
+  """The noise is TFF's DifferentiallyPrivateFactory running the mechanism's
+  query; the event it reports is the one the ledger charged."""
+  process = _build('client', density=0.1, l2_norm_clip=0.5,
+                   noise_multiplier=1.1, clients_per_round=4,
+                   total_clients=40, seed=5)
+  state, outputs, _ = _run(process, clients, 1)
+  reported = state['aggregator'].dp_event
+  assert reported.class_name == b'GaussianDpEvent'
+  assert reported.noise_multiplier == pytest.approx(1.1)
+  entry, = process.ledger.entries
+  assert entry.event.event.noise_multiplier == pytest.approx(
+      float(reported.noise_multiplier))
+  # Measurements nest per stage, TFF's DP metrics under the aggregator's.
+  measurements = outputs[0].metrics['measurements']
+  assert set(measurements) == {'distributor', 'client_work', 'bytes_down',
+                               'aggregator', 'finalizer'}
+  assert 'dp_query_metrics' in measurements['aggregator']['inner']
+
+
+def test_finalizer_refuses_a_non_finite_update(clients):
+  """TFF's finalizer leaves the model as it was when the mean is not finite."""
+  process = _build(density=1.0)
+  state = process.initialize()
+  before = _flat(process.get_model_weights(state))
+  poisoned = clients[0].map(lambda x, y: (x * np.float32(np.inf), y))
+  store = federated.ClientStateStore(1, process.size)
+  out = process.next(state, [poisoned], store.get([0]))
+  assert int(out.metrics['update_non_finite']) == 1
+  np.testing.assert_array_equal(_flat(process.get_model_weights(out.state)),
+                                before)

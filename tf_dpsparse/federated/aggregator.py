@@ -1,21 +1,25 @@
 """Upload aggregation: `DPSparseAggregatorFactory`, a `tff.aggregators` factory.
 
-Each device uploads a `SparseUpdate` (k indices and values of a flat update of
-`size` parameters); this is what travels on the wire. The factory densifies,
-sums, averages and, in client-level DP mode, adds Gaussian noise at the
-server, reporting the exact upload bytes (the codec's size of every payload).
+Each device uploads a `SparseUpdate` (k indices and values of a flat update
+of `size` parameters): this is what travels on the wire. The factory does
+one job, the sparse part: it densifies the uploads, counts their exact
+bytes (the codec's size of every payload), and hands the dense updates to
+an inner `tff.aggregators` factory, nested the way TFF nests its own:
 
-Client-side top-k with the device's residual and clipping happen on the
-device (`core.clipped_topk_with_error_feedback`): a TFF aggregation process
-cannot return per-client state, and the residual must never leave the device.
+- no privacy, or example-level DP (uploads are DP already): TFF's
+  `UnweightedMeanFactory`;
+- client-level DP: TFF's `DifferentiallyPrivateFactory` around the
+  mechanism's own `DPQuery` (`tds.privacy.ClientLevelDP.query`), which
+  clips every update again (a device cannot raise its own sensitivity),
+  adds N(0, (z C)^2) once to the sum and divides by the public expected
+  cohort. The noise and the DpEvent the ledger records come from that one
+  query.
 
-Privacy (client-level mode): the sum's sensitivity is `l2_norm_clip` because
-every device clips the sparse update it sends; the noise N(0, (z * C)^2) is
-added once to the sum, and the mean divides by the fixed, public
-`clients_per_round` (as TFF's `DifferentiallyPrivateFactory.gaussian_fixed`).
-The indices a device picks are seen by this aggregator, so it must be
-trusted: only the noised aggregate is released (DESIGN.md, trusted
-aggregator). Example-level mode adds nothing here: uploads are already DP.
+Privacy (client level): the indices a device picks are seen by this
+aggregator, so it must be trusted; only the noised aggregate is released
+(DESIGN.md, trusted aggregator). The top-k and the residual happen on the
+device (`core.sparse_upload`): an aggregation process cannot return
+per-client state, and the residual must never leave the device.
 """
 
 from __future__ import annotations
@@ -24,11 +28,9 @@ import collections
 from typing import Optional
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dpsparse import core
-from tf_dpsparse import privacy
 from tf_dpsparse.wire import codec
 
 
@@ -38,38 +40,40 @@ def sparse_type(k: int) -> tff.StructType:
                          ('values', tff.TensorType(np.float32, [k]))])
 
 
+def inner_factory(privacy) -> tff.aggregators.UnweightedAggregationFactory:
+  """The dense aggregation `privacy` calls for (see the module docstring)."""
+  query = None if privacy is None else privacy.aggregation_query()
+  if query is None:
+    return tff.aggregators.UnweightedMeanFactory()
+  return tff.aggregators.DifferentiallyPrivateFactory(query)
+
+
 class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
-  """Averages sparse uploads; in client-level mode adds server Gaussian noise.
+  """Averages sparse uploads through a nested dense factory.
 
   Args:
     size: the number of parameters of the flat update.
-    mode: None (plain mean over participants), 'example' (uploads are DP
-      already: plain mean) or 'client' (noised sum / `clients_per_round`).
-    l2_norm_clip, noise_multiplier, clients_per_round: client-level DP only.
-    num_shared: the first `num_shared` indices of every upload are public and
-      known to the server (`topk_with_error_feedback`'s `shared_indices`),
-      so only their values travel and are counted.
-    value_bits: 32, 16 or 8, the wire precision of values, for byte counts (the
-      devices round what they send to it: `to_wire_precision`).
-    seed: fixes the server noise (tests); OS entropy when None.
+    privacy: None, a `tds.privacy.ExampleLevelDP` (plain mean) or a
+      `tds.privacy.ClientLevelDP` (its DP query, nested in TFF's
+      `DifferentiallyPrivateFactory`). Ignored when `inner` is given.
+    inner: any unweighted `tff.aggregators` factory of float32[size].
+    num_shared: the first `num_shared` indices of every upload are public
+      and known to the server (`topk_with_error_feedback`'s
+      `shared_indices`), so only their values travel and are counted.
+    value_bits: 32, 16 or 8, the wire precision of values, for byte counts
+      (devices round what they send to it: `tds.wire.to_wire_precision`).
+
+  Measurements: `bytes_up`, `num_clients`, and the inner factory's under
+  `inner`.
   """
 
-  def __init__(self, size: int, *, mode: Optional[str] = None,
-               l2_norm_clip: Optional[float] = None,
-               noise_multiplier: Optional[float] = None,
-               clients_per_round: Optional[int] = None, num_shared: int = 0,
-               value_bits: int = 32, seed: Optional[int] = None):
-    privacy.check_privacy_mode(mode, l2_norm_clip=l2_norm_clip,
-                               noise_multiplier=noise_multiplier,
-                               clients_per_round=clients_per_round)
+  def __init__(self, size: int, *, privacy=None,
+               inner: Optional[tff.aggregators.UnweightedAggregationFactory]
+               = None, num_shared: int = 0, value_bits: int = 32):
     self._size = int(size)
-    self._mode = mode
-    self._clip = l2_norm_clip
-    self._noise_multiplier = noise_multiplier
-    self._clients_per_round = clients_per_round
+    self._inner = inner if inner is not None else inner_factory(privacy)
     self._num_shared = int(num_shared)
     self._value_bits = value_bits
-    self._seed = seed
 
   def create(self, value_type) -> tff.templates.AggregationProcess:
     value_type = tff.types.to_type(value_type)
@@ -80,6 +84,7 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
     if not 0 <= self._num_shared < k:
       raise ValueError(f'num_shared must be in [0, {k}), got {self._num_shared}.')
     size, value_bits, num_shared = self._size, self._value_bits, self._num_shared
+    inner = self._inner.create(tff.TensorType(np.float32, [size]))
 
     @tff.tensorflow.computation(value_type)
     def densify(sparse):
@@ -94,43 +99,16 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
     def one():
       return np.int32(1)
 
-    @tff.tensorflow.computation
-    def init():
-      return np.int64(0)  # rounds aggregated: keys seeded noise
-
-    mode, clip, z = self._mode, self._clip, self._noise_multiplier
-    clients_per_round, seed = self._clients_per_round, self._seed
-
-    @tff.tensorflow.computation(init.type_signature.result,
-                                tff.TensorType(np.float32, [size]),
-                                np.int32)
-    def finalize(round_num, total, count):
-      if mode != 'client':
-        return total / tf.maximum(tf.cast(count, tf.float32), 1.0)
-      noise_seed = None if seed is None else core.fold_in_seed(seed, round_num)
-      noised = core.add_gaussian_noise(total, z * clip, noise_seed)
-      return noised / float(clients_per_round)
-
-    @tff.federated_computation(
-        tff.FederatedType(init.type_signature.result, tff.SERVER),
-        tff.FederatedType(value_type, tff.CLIENTS))
+    @tff.federated_computation(inner.state_type,
+                               tff.FederatedType(value_type, tff.CLIENTS))
     def next_fn(state, uploads):
-      total = tff.federated_sum(tff.federated_map(densify, uploads))
-      count = tff.federated_sum(tff.federated_value(one(), tff.CLIENTS))
-      mean = tff.federated_map(finalize, (state, total, count))
+      aggregated = inner.next(state, tff.federated_map(densify, uploads))
       measurements = tff.federated_zip(collections.OrderedDict(
           bytes_up=tff.federated_sum(tff.federated_map(upload_nbytes, uploads)),
-          num_clients=count))
-      new_state = tff.federated_map(_increment, state)
-      return tff.templates.MeasuredProcessOutput(new_state, mean, measurements)
+          num_clients=tff.federated_sum(
+              tff.federated_value(one(), tff.CLIENTS)),
+          inner=aggregated.measurements))
+      return tff.templates.MeasuredProcessOutput(
+          aggregated.state, aggregated.result, measurements)
 
-    @tff.federated_computation
-    def init_fn():
-      return tff.federated_eval(init, tff.SERVER)
-
-    return tff.templates.AggregationProcess(init_fn, next_fn)
-
-
-@tff.tensorflow.computation(np.int64)
-def _increment(round_num):
-  return round_num + 1
+    return tff.templates.AggregationProcess(inner.initialize, next_fn)

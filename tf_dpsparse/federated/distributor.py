@@ -1,4 +1,4 @@
-"""Download compression: `build_sparse_distributor`, a TFF DistributionProcess.
+"""The download stage: `build_sparse_distributor` and each device's catch-up.
 
 The server keeps the *public model*: what every up-to-date device has
 reconstructed from all broadcasts so far. Each round it broadcasts the top-k
@@ -13,7 +13,7 @@ history; its exact bytes are `tds.wire.catch_up_nbytes`. That exact catch-up is 
 only when devices take part in most rounds; with sparse client sampling a
 returning device has missed so many broadcasts that the union nears the dense
 model.
-`topk_catch_up` bounds it instead: the device gets the top-k of (global -
+`core.topk_catch_up` bounds it instead: the device gets the top-k of (global -
 its own view), the same operation as the broadcast (`core.sparse_sync`), and
 what is not sent stays in (global - view) for its next visit. In simulation
 devices receive the reconstructed public weights directly; `tds.wire.apply_broadcast`
@@ -24,6 +24,12 @@ Privacy: the global model is a function of DP uploads (example-level) or of
 the noised aggregate (client-level), so choosing its top-k is post-processing.
 So is a device's view: a function of the global models at the rounds the
 server sampled it, and sampling does not depend on any data.
+
+The distributor owns the download and every catch-up: its broadcast result
+carries what a device needs to sync (the public model, the round, the index
+history, the shared indices of the next upload, and for 'topk' the global
+model), and `build_device_download` is the per-device sync. No other stage
+reads the distributor's state.
 """
 
 from __future__ import annotations
@@ -35,59 +41,44 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dpsparse import core
+from tf_dpsparse import wire
 from tf_dpsparse.wire import codec
 
-
-def _state_type(size, k, history):
-  return tff.StructType([
-      ('public', tff.TensorType(np.float32, [size])),
-      ('round_num', tff.TensorType(np.int32)),
-      ('history_indices', tff.TensorType(np.int32, [history, k])),
-      ('history_rounds', tff.TensorType(np.int32, [history])),
-      ('last_indices', tff.TensorType(np.int32, [k])),
-      ('last_values', tff.TensorType(np.float32, [k])),
-  ])
-
-
-def _nonzero(sent: core.SparseUpdate) -> core.SparseUpdate:
-  keep = tf.not_equal(sent.values, 0.0)
-  return sent._replace(indices=tf.boolean_mask(sent.indices, keep),
-                       values=tf.boolean_mask(sent.values, keep))
-
-
-def topk_catch_up(target, view, k: int, value_bits: int = 32):
-  """A device's lossy catch-up: `(new_view, nbytes)`.
-
-  `core.sparse_sync` of its view toward `target` (the global model), the zero
-  entries dropped so a device with nothing to learn downloads nothing. A
-  device that synced last round holds the public model, and its catch-up is
-  then exactly that round's broadcast; one that missed rounds gets the k
-  largest of everything it missed, and the rest waits for its next visit.
-  """
-  sent, new_view = core.sparse_sync(target, view, k, value_bits)
-  indices = _nonzero(sent).indices
-  nbytes = tf.where(tf.size(indices) > 0,
-                    codec.encoded_nbytes(indices, int(sent.size), value_bits),
-                    tf.constant(0, tf.int64))
-  return new_view, nbytes
+CATCH_UPS = ('union', 'topk')
 
 
 def topk_catch_up_payload(target, view, k: int, value_bits: int = 32):
-  """The bytes of `topk_catch_up`, or None when there is nothing to send.
+  """The bytes of a device's 'topk' catch-up, or None when nothing differs.
 
   A device applies them with `tds.wire.apply_broadcast` (they are deltas).
   """
-  sent, _ = core.sparse_sync(tf.constant(target, tf.float32),
-                             tf.constant(view, tf.float32), k, value_bits)
-  sent = _nonzero(sent)
+  sent, _, _ = core.topk_catch_up(k, value_bits).update(
+      tf.constant(target, tf.float32),
+      core.ViewState(tf.constant(view, tf.float32)))
+  sent = core.stages.nonzero(sent)
   if not int(tf.size(sent.indices)):
     return None
   return codec.encode(sent, value_bits=value_bits)
 
 
+def _state_of(state: dict) -> core.BroadcastState:
+  return core.BroadcastState(**state)
+
+
+def _shared_indices(state: core.BroadcastState, num_shared: int):
+  """The largest-magnitude `num_shared` coordinates of the last broadcast.
+
+  Public: every up-to-date device has just decoded that broadcast, and the
+  global model it came from is DP (post-processing).
+  """
+  _, order = tf.math.top_k(tf.abs(state.last_values), k=num_shared)
+  return tf.gather(state.last_indices, order)
+
+
 def build_sparse_distributor(
     initial_weights_fn: tff.Computation, *, density: float,
-    value_bits: int = 32, history: int = 32) -> tff.learning.templates.DistributionProcess:
+    value_bits: int = 32, history: int = 32, num_shared: int = 0,
+    catch_up: str = 'union') -> tff.learning.templates.DistributionProcess:
   """A DistributionProcess that broadcasts the top-k change of the model.
 
   Args:
@@ -98,65 +89,107 @@ def build_sparse_distributor(
       are rounded to it, so the public model is what devices decode.
     history: how many rounds of broadcast index sets the server keeps for
       devices that catch up; older devices get the dense model.
+    num_shared: how many of the last broadcast's largest coordinates every
+      device's next upload starts with (`learning.num_shared`).
+    catch_up: 'union' or 'topk' (then the global model goes to the
+      per-device sync, which runs at the server in deployment).
 
-  The process's `next(state, global_weights@SERVER)` returns the public
-  model weights at CLIENTS and measures `bytes_broadcast` (one up-to-date
-  device's download this round) and `residual_norm` (L2 of global - public).
-  Non-trainable weights, if any, are sent dense and counted.
+  The state is a `core.BroadcastState` (as a dict); `next(state,
+  global_weights@SERVER)` runs `core.sparse_broadcast` and returns at
+  CLIENTS the download `build_device_download` syncs each device from. It
+  measures `bytes_broadcast` (one up-to-date device's download this round)
+  and `residual_norm` (L2 of global - public). Non-trainable weights, if
+  any, are sent dense and counted.
   """
+  if catch_up not in CATCH_UPS:
+    raise ValueError(f'catch_up must be one of {CATCH_UPS}, got {catch_up!r}.')
   weights_type = initial_weights_fn.type_signature.result.member
-  trainable_type = weights_type.trainable
-  size = sum(int(np.prod(t.shape)) for t in tff.structure.flatten(trainable_type))
+  size = sum(int(np.prod(t.shape))
+             for t in tff.structure.flatten(weights_type.trainable))
   non_trainable_nbytes = sum(
       int(np.prod(t.shape)) * value_bits // 8
       for t in tff.structure.flatten(weights_type.non_trainable))
-  k = core.k_for_density(size, density)
-  state_type = _state_type(size, k, history)
+  broadcast = core.sparse_broadcast(core.k_for_density(size, density),
+                                    value_bits, history)
 
   @tff.tensorflow.computation(weights_type)
   def init_state(weights):
-    return collections.OrderedDict(
-        public=core.flatten(weights.trainable),
-        round_num=tf.constant(0, tf.int32),
-        history_indices=tf.fill([history, k], -1),
-        history_rounds=tf.fill([history], -1),
-        last_indices=tf.zeros([k], tf.int32),
-        last_values=tf.zeros([k], tf.float32))
+    return broadcast.init(core.flatten(weights.trainable))._asdict()
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_map(init_state, initial_weights_fn())
 
-  @tff.tensorflow.computation(state_type, weights_type)
-  def broadcast(state, weights):
-    sparse, public = core.sparse_sync(core.flatten(weights.trainable),
-                                      state.public, k, value_bits)
-    round_num = state.round_num + 1
-    slot = tf.math.floormod(round_num, history)
-    new_state = collections.OrderedDict(
-        public=public,
-        round_num=round_num,
-        history_indices=tf.tensor_scatter_nd_update(
-            state.history_indices, [[slot]], sparse.indices[None]),
-        history_rounds=tf.tensor_scatter_nd_update(
-            state.history_rounds, [[slot]], [round_num]),
-        last_indices=sparse.indices,
-        last_values=sparse.values)
-    public_weights = tff.learning.models.ModelWeights(
-        trainable=core.unflatten(public, weights.trainable),
-        non_trainable=weights.non_trainable)
+  @tff.tensorflow.computation(init_state.type_signature.result, weights_type)
+  def next_tf(state, weights):
+    global_flat = core.flatten(weights.trainable)
+    sent, new_state, metrics = broadcast.update(global_flat, _state_of(state))
+    download = collections.OrderedDict(
+        weights=tff.learning.models.ModelWeights(
+            trainable=core.unflatten(new_state.public, weights.trainable),
+            non_trainable=weights.non_trainable),
+        round_num=new_state.round_num,
+        history_indices=new_state.history_indices,
+        history_rounds=new_state.history_rounds,
+        shared_indices=_shared_indices(new_state, num_shared))
+    if catch_up == 'topk':
+      download['global_weights'] = global_flat
     measurements = collections.OrderedDict(
-        bytes_broadcast=codec.encoded_nbytes(sparse.indices, size, value_bits)
+        bytes_broadcast=codec.encoded_nbytes(sent.indices, size, value_bits)
         + non_trainable_nbytes,
-        residual_norm=tf.norm(core.flatten(weights.trainable) - public))
-    return new_state, public_weights, measurements
+        residual_norm=metrics.residual_norm)
+    return new_state._asdict(), download, measurements
 
-  @tff.federated_computation(tff.FederatedType(state_type, tff.SERVER),
-                             tff.FederatedType(weights_type, tff.SERVER))
+  @tff.federated_computation(
+      tff.FederatedType(init_state.type_signature.result, tff.SERVER),
+      tff.FederatedType(weights_type, tff.SERVER))
   def next_fn(state, weights):
-    new_state, public_weights, measurements = tff.federated_map(
-        broadcast, (state, weights))
+    new_state, download, measurements = tff.federated_map(
+        next_tf, (state, weights))
     return tff.templates.MeasuredProcessOutput(
-        new_state, tff.federated_broadcast(public_weights), measurements)
+        new_state, tff.federated_broadcast(download), measurements)
 
   return tff.learning.templates.DistributionProcess(init_fn, next_fn)
+
+
+def build_device_download(download_type, client_state_type, *, catch_up: str,
+                          catch_up_density: float, value_bits: int = 32):
+  """Each device's sync: `(download, client_state) -> (weights, client_state,
+  nbytes)`, a server computation placed where the device's state is.
+
+  'union': the device lands on the public model; `nbytes` is its exact
+  catch-up (`tds.wire.catch_up_nbytes`). 'topk': its view moves toward the
+  global model by `core.topk_catch_up`, and it trains from that view. A
+  device that missed the last broadcast also needs the shared indices.
+  """
+  size = download_type.global_weights.shape[0] if catch_up == 'topk' else sum(
+      int(np.prod(t.shape))
+      for t in tff.structure.flatten(download_type.weights.trainable))
+  num_shared = download_type.shared_indices.shape[0]
+  view_sync = core.topk_catch_up(core.k_for_density(size, catch_up_density),
+                                 value_bits)
+
+  @tff.tensorflow.computation(download_type, client_state_type)
+  def device_download(download, client_state):
+    synced = tff.structure.to_odict(client_state)
+    synced['last_sync_round'] = download['round_num']
+    weights = download['weights']
+    if catch_up == 'topk':
+      _, view, nbytes = view_sync.update(download['global_weights'],
+                                         core.ViewState(client_state.view))
+      synced['view'] = view.view
+      weights = tff.learning.models.ModelWeights(
+          trainable=list(core.unflatten(view.view, weights.trainable)),
+          non_trainable=weights.non_trainable)
+    else:
+      nbytes = wire.catch_up_nbytes(
+          download['history_indices'], download['history_rounds'],
+          client_state.last_sync_round, download['round_num'], size, value_bits)
+    if num_shared:
+      stale = download['round_num'] - client_state.last_sync_round > 1
+      nbytes += tf.where(stale, codec.index_nbytes(download['shared_indices'],
+                                                   size),
+                         tf.constant(0, tf.int64))
+    return weights, synced, nbytes
+
+  return device_download

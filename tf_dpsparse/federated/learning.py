@@ -1,52 +1,52 @@
 """`build_dp_sparse_fed_avg`: bidirectional DP-sparse federated averaging.
 
-One round, in TFF's vocabulary:
+The process is composed from stages, each doing one job, the way TFF's
+`compose_learning_process` composes FedAvg:
 
-1. distribute: `build_sparse_distributor` broadcasts the top-k change of the
-   global model; devices reconstruct the *public* model and train from it.
-   A device that missed rounds catches up (`catch_up`): exactly, with the
-   union of what it missed ('union', counted from the broadcast history), or
-   within a byte budget ('topk': each device keeps its own view, downloads
-   the top-k of (global - view) and trains from its view).
-2. client work: local training (DP-SGD in example-level mode), then the
-   update (initial - trained, TFF's sign) goes through
-   `core.clipped_topk_with_error_feedback`: top-k with the device's
-   residual (optionally on the last broadcast's largest coordinates first:
-   `shared_fraction`), the sent values clipped in client-level mode and
-   rounded to the wire's `value_bits`.
-3. aggregate: `DPSparseAggregatorFactory` (mean; server noise in client-level
-   mode).
-4. finalize: the server optimizer applies the mean to the global model.
+1. distributor (`build_sparse_distributor`): broadcasts the top-k change of
+   the global model (`core.sparse_broadcast`), and `build_device_download`
+   syncs each device from it (exact 'union' catch-up, or the bounded
+   'topk' one from the device's own view).
+2. client work (`client_work.build_client_work`): local training (DP-SGD
+   with an `ExampleLevelDP`), then the update (initial - trained) through
+   `core.sparse_upload` with the device's residual.
+3. aggregator (`DPSparseAggregatorFactory`): densify, then a nested TFF
+   factory (a plain mean, or `DifferentiallyPrivateFactory` around a
+   `ClientLevelDP`'s query).
+4. finalizer: TFF's `build_apply_optimizer_finalizer` (the server optimizer;
+   it also refuses a non-finite update).
 
-Error-feedback residuals are per-device state. The process is a
-`tff.templates.IterativeProcess` whose `next(state, client_data,
-client_states)` returns `(state, client_states, metrics)`, so the caller
-decides where device state lives (`ClientStateStore` in simulation, the
-device itself in deployment). `DPSparseFedAvg` wraps it with the privacy
-ledger, which refuses a round over budget before any work is done.
+TFF's composer cannot carry per-device state (the residual, a device's
+view), so `compose` does exactly that and nothing else; measurements nest
+per stage. `DPSparseFedAvg` wraps the process with the privacy ledger,
+which refuses a round over budget before any work is done.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Callable, Mapping, NamedTuple, Optional
+import dataclasses
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tf_dpsparse.federated import _workers
 from tf_dpsparse import core
 from tf_dpsparse import privacy as privacy_lib
-from tf_dpsparse.wire import codec
-from tf_dpsparse.wire.downloads import catch_up_nbytes
+from tf_dpsparse.federated import _workers
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
+from tf_dpsparse.federated.client_work import AuditHooks
+from tf_dpsparse.federated.client_work import build_client_work
+from tf_dpsparse.federated.client_work import canary_direction
+from tf_dpsparse.federated.client_work import split_batch
+from tf_dpsparse.federated.distributor import CATCH_UPS
+from tf_dpsparse.federated.distributor import build_device_download
 from tf_dpsparse.federated.distributor import build_sparse_distributor
-from tf_dpsparse.federated.distributor import topk_catch_up
-from tf_dpsparse.keras import per_example as keras_per_example
 
-CATCH_UPS = ('union', 'topk')
+__all__ = ['AuditHooks', 'DPSparseFedAvg', 'Stages', 'build_dp_sparse_fed_avg',
+           'canary_direction', 'client_state_type', 'compose', 'num_shared']
 
 
 def client_state_type(size: int, with_view: bool = False) -> tff.StructType:
@@ -78,417 +78,71 @@ def num_shared(size: int, upload_density: float, download_density: float,
   return min(round(shared_fraction * k_up), k_up - 1, k_down)
 
 
-def _shared_indices(dist_state, k_shared):
-  """The largest-magnitude k_shared coordinates of the last broadcast.
+class Stages(NamedTuple):
+  """What `compose` composes (TFF computations and processes)."""
+  initial_weights: tff.Computation  # federated: ModelWeights at SERVER
+  distributor: tff.templates.MeasuredProcess
+  device_download: tff.Computation  # (download, client state) at CLIENTS
+  client_work: tff.Computation  # (weights, data, state, round, shared)
+  aggregator: tff.templates.AggregationProcess
+  finalizer: tff.templates.MeasuredProcess
 
-  Public: every up-to-date device has just decoded that broadcast, and the
-  global model it came from is DP (post-processing).
+
+def compose(stages: Stages, data_type, state_type) -> tff.templates.IterativeProcess:
+  """One round from the stages, client states carried through.
+
+  `next(state, client_data, client_states) -> (state, client_states,
+  measurements)`, the measurements nested per stage. The stages only meet
+  through their results: the distributor's download is all the devices
+  read of the server.
   """
-  _, order = tf.math.top_k(tf.abs(dist_state.last_values), k=k_shared)
-  return tf.gather(dist_state.last_indices, order)
+  weights_type = stages.initial_weights.type_signature.result.member
+  flat_type = stages.aggregator.next.type_signature.result.result.member
 
-
-class AuditHooks(NamedTuple):
-  """Instruments for `tf-dpsparse audit` (`tf_dpsparse.audit_runs`), not devices.
-
-  - Canary clients (Andrew et al., "One-shot Empirical Privacy Estimation
-    for Federated Learning", ICLR 2024): a client whose id is >=
-    `canary_from` is a test instrument, not a device. Its trained update is
-    replaced by `canary_norm` * `canary_direction(id, size, canary_seed,
-    canary_k)` *before* error feedback, top-k, the client-level clip and
-    wire rounding, so the canary takes every path a real update takes.
-    `canary_k` coordinates (None: all) make a canary that top-k passes
-    whole, the strongest for a sparse upload. Client level or non-private
-    only (example-level canaries are examples in device data).
-  - `return_uploads`: each device's returned state also holds its upload
-    (`upload_indices`, `upload_values`), exactly what the server receives.
-    Under example-level DP the server is not trusted, so this grants the
-    auditor nothing the threat model does not.
-  Neither changes what a real device computes or sends.
-  """
-  canary_from: Optional[int] = None
-  canary_seed: int = 0
-  canary_norm: float = 1.0
-  canary_k: Optional[int] = None
-  return_uploads: bool = False
-
-
-def canary_direction(canary_id, size: int, seed: int,
-                     k: Optional[int] = None) -> tf.Tensor:
-  """Canary `canary_id`'s fixed direction: uniform on the unit sphere of R^size
-  (or of k random coordinates), from the stateless seed (seed, id), so the
-  auditor regenerates it after training, as Andrew et al. do."""
-  key = tf.stack([tf.constant(seed, tf.int64), tf.cast(canary_id, tf.int64)])
-  v = tf.random.stateless_normal([size], seed=key)
-  if k is not None and k < size:
-    keep = tf.math.top_k(tf.random.stateless_uniform([size], seed=key + 1),
-                         k=k).indices
-    v = tf.scatter_nd(keep[:, None], tf.gather(v, keep), [size])
-  return v / tf.norm(v)
-
-
-def _split_batch(batch):
-  if isinstance(batch, Mapping):
-    return batch['x'], batch['y']
-  return batch[0], batch[1]
-
-
-def _all_examples(data):
-  """The device's whole dataset as two tensors `(x, y)` (any batching in).
-
-  Poisson sampling draws from every example each step, so the device holds
-  its (small: hundreds of sensor windows) dataset in memory.
-  """
-  return _split_batch(data.unbatch().batch(2**31 - 1).get_single_element())
-
-
-def _build_client_update(model_fn, optimizer, *, privacy, k, l2_norm_clip,
-                         noise_multiplier, batch_size, local_steps,
-                         per_example_loss_fn, value_bits, seed,
-                         audit=AuditHooks()):
-  """The device's round as a tf.function (builds its own model, as TFF does).
-
-  It trains from `initial_weights` and returns the client state with the new
-  residual, every other field unchanged. Example level: `local_steps`
-  DP-SGD steps, each on a Poisson sample of the device's n examples at rate
-  batch_size / n (`core.poisson_gaussian_average`: every example joins
-  independently, the noised sum is divided by the expected batch size
-  batch_size, and nothing is truncated). n is treated as public, as TF
-  Privacy and Opacus do; the process refuses devices below
-  `min_client_examples`, so every device's rate is at most the accounted
-  batch_size / min_client_examples. Other modes take the caller's batches,
-  `local_steps` of them at most.
-  """
-  model = model_fn()
-
-  # No Python control flow depends on tensors here: skipping autograph
-  # avoids its closure-mismatch warnings on the nested functions.
-  @tf.function(autograph=False)
-  def client_update(initial_weights, data, client_state, round_num,
-                    shared_indices):
-    weights = tff.learning.models.ModelWeights.from_model(model)
-    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-    trainable = tuple(weights.trainable)
-    client_seed = None if seed is None else core.fold_in_seed(
-        core.fold_in_seed(seed, round_num), client_state.client_id)
-    if privacy == 'example':
-      x_all, y_all = _all_examples(data)
-      gradients = _poisson_dp_gradients(
-          model, trainable, x_all, y_all, per_example_loss_fn,
-          batch_size=batch_size, l2_norm_clip=l2_norm_clip,
-          noise_multiplier=noise_multiplier, client_seed=client_seed)
-      steps = tf.data.Dataset.range(local_steps)
-      data = tf.data.Dataset.from_tensors((x_all, y_all))  # for the metric
-    else:
-      gradients, steps = _batch_gradients(model, trainable), data
-    _train(optimizer, trainable, steps, gradients)
-    update = _canary_or(audit, client_state.client_id,
-                        core.flatten(initial_weights.trainable) -
-                        core.flatten(weights.trainable))
-    # Example level: `update` is DP-SGD output and the shared indices are the
-    # last broadcast's, so every index chosen here is post-processing.
-    # Client level: the clipped upload is only released inside the noised sum.
-    sparse, residual, clipped = core.clipped_topk_with_error_feedback(
-        update, k, client_state.residual,
-        l2_norm_clip if privacy == 'client' else None,
-        shared_indices=shared_indices if shared_indices.shape[0] else None,
-        value_bits=value_bits)
-    upload = collections.OrderedDict(indices=sparse.indices,
-                                     values=sparse.values)
-    new_state = tff.structure.to_odict(client_state)
-    new_state['residual'] = residual
-    if audit.return_uploads:
-      new_state['upload_indices'] = sparse.indices
-      new_state['upload_values'] = sparse.values
-    metrics = collections.OrderedDict(
-        loss=_training_loss(model, data),
-        clipped=tf.cast(clipped, tf.float32),
-        residual_norm=tf.norm(residual))
-    return upload, new_state, metrics
-
-  return client_update
-
-
-def _train(optimizer, trainable, steps: tf.data.Dataset, gradients) -> None:
-  """One optimizer step per element of `steps` (a batch, or a step index)."""
-
-  @tf.autograph.experimental.do_not_convert
-  def reduce_fn(loop_state, element):
-    step, opt_state = loop_state
-    grads = gradients(element, step)
-    opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
-    tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
-    return step + 1, opt_state
-
-  specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-  steps.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)),
-               reduce_fn)
-
-
-def _canary_or(audit: AuditHooks, client_id, update):
-  """`update`, or for an audit's canary client its fixed direction."""
-  if audit.canary_from is None:
-    return update
-  return tf.where(
-      client_id >= audit.canary_from, audit.canary_norm *
-      canary_direction(client_id, update.shape[0], audit.canary_seed,
-                       audit.canary_k), update)
-
-
-def _batch_gradients(model, trainable):
-  """Plain (non-private at the device) gradients of the caller's batches."""
-
-  def gradients(batch, step):
-    del step
-    with tf.GradientTape() as tape:
-      output = model.forward_pass(batch, training=True)
-    return tape.gradient(output.loss, trainable)
-
-  return gradients
-
-
-def _poisson_dp_gradients(model, trainable, x_all, y_all, per_example_loss_fn,
-                          *, batch_size, l2_norm_clip, noise_multiplier,
-                          client_seed):
-  """DP-SGD gradients of one Poisson-sampled step (see `_build_client_update`).
-
-  Each sampled example's gradient comes from the model run on that example
-  alone (`tds.core.per_example_gradients`, vectorized), so clipping a row
-  bounds exactly one example's contribution. A model from
-  `tff.learning.models.from_keras_model` goes through the Keras front's
-  `per_example_gradients` (its convolutions' kernel gradients vectorized);
-  its `predict_on_batch` is that Keras model's call.
-  """
-  num_examples = tf.shape(y_all)[0]
-  size = sum(v.shape.num_elements() for v in trainable)
-  # TFF's Keras wrapper exposes no public accessor for its Keras model.
-  keras_model = getattr(model, '_keras_model', None)
-
-  def rows_fn(indices):
-    x, y = tf.gather(x_all, indices), tf.gather(y_all, indices)
-    if keras_model is not None:
-      return keras_per_example.per_example_gradients(
-          keras_model, per_example_loss_fn, trainable, x, y)
-    return core.per_example_gradients(
-        lambda batch: per_example_loss_fn(
-            batch[1], model.predict_on_batch(batch[0], training=True)),
-        trainable, (x, y))
-
-  def gradients(step_element, step):
-    del step_element
-    step_seed = None if client_seed is None else core.fold_in_seed(
-        client_seed, step)
-    mean, _ = core.poisson_gaussian_average(
-        rows_fn, num_examples=num_examples,
-        sampling_rate=batch_size / tf.cast(num_examples, tf.float32),
-        size=size, l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier, seed=step_seed)
-    return core.unflatten(mean, trainable)
-
-  return gradients
-
-
-def _training_loss(model, data):
-  """Mean loss of the trained model on the device's data: a diagnostic.
-
-  Computed from raw data and not covered by ε: simulations report it; a
-  deployed device sends only its upload (`tds.server`).
-  """
-  def add(total, batch):
-    output = model.forward_pass(batch, training=False)
-    n = tf.cast(output.num_examples, tf.float32)
-    return total[0] + output.loss * n, total[1] + n
-
-  loss_sum, count = data.reduce((0.0, 0.0), add)
-  return loss_sum / tf.maximum(count, 1.0)
-
-
-def build_dp_sparse_fed_avg_process(
-    model_fn: Callable[[], tff.learning.models.VariableModel],
-    client_optimizer: tff.learning.optimizers.Optimizer,
-    server_optimizer: tff.learning.optimizers.Optimizer,
-    *, upload_density: float, download_density: float, privacy: Optional[str],
-    l2_norm_clip: Optional[float], noise_multiplier: Optional[float],
-    clients_per_round: Optional[int], batch_size: Optional[int],
-    local_steps: Optional[int], per_example_loss_fn, value_bits: int,
-    history: int, shared_fraction: float, catch_up: str,
-    catch_up_density: float,
-    seed: Optional[int],
-    audit: AuditHooks = AuditHooks()) -> tff.templates.IterativeProcess:
-  """The TFF iterative process; see `build_dp_sparse_fed_avg` for arguments."""
-  with tf.Graph().as_default():
-    model = model_fn()
-    element_type = tff.types.tensorflow_to_type(model.input_spec)
-    weights_type = tff.learning.models.weights_type_from_model(model)
-  size = sum(int(np.prod(t.shape))
-             for t in tff.structure.flatten(weights_type.trainable))
-  k_up = core.k_for_density(size, upload_density)
-  k_shared = num_shared(size, upload_density, download_density, shared_fraction)
-  data_type = tff.SequenceType(element_type)
-  from_view = catch_up == 'topk'
-  k_catch_up = core.k_for_density(size, catch_up_density)
-  state_type = client_state_type(size, with_view=from_view)
-
-  @tff.tensorflow.computation
-  def initial_weights():
-    return tff.learning.models.ModelWeights.from_model(model_fn())
-
-  @tff.federated_computation
-  def initial_weights_fn():
-    return tff.federated_eval(initial_weights, tff.SERVER)
-
-  distributor = build_sparse_distributor(
-      initial_weights_fn, density=download_density, value_bits=value_bits,
-      history=history)
-  aggregator = DPSparseAggregatorFactory(
-      size, mode=privacy, l2_norm_clip=l2_norm_clip,
-      noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
-      num_shared=k_shared, value_bits=value_bits,
-      seed=seed).create(sparse_type(k_up))
-  shared_type = tff.TensorType(np.int32, [k_shared])
-
-  @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32,
-                              shared_type)
-  def client_update(weights, data, client_state, round_num, shared_indices):
-    if from_view:  # the device's own model, not the public one
-      weights = tff.learning.models.ModelWeights(
-          trainable=list(core.unflatten(client_state.view, weights.trainable)),
-          non_trainable=weights.non_trainable)
-    return _build_client_update(
-        model_fn, client_optimizer, privacy=privacy, k=k_up,
-        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        batch_size=batch_size, local_steps=local_steps,
-        per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
-        seed=seed, audit=audit)(
-            weights, data, client_state, round_num, shared_indices)
-
-  dist_state_type = distributor.state_type.member
-
-  @tff.tensorflow.computation(dist_state_type)
-  def shared_of(dist_state):
-    return _shared_indices(dist_state, k_shared)
-
-  def sync_client(dist_state, client_state, shared_indices, global_weights):
-    synced = tff.structure.to_odict(client_state)
-    synced['last_sync_round'] = dist_state.round_num
-    if from_view:
-      synced['view'], nbytes = topk_catch_up(
-          core.flatten(global_weights.trainable), client_state.view,
-          k_catch_up, value_bits)
-    else:
-      nbytes = catch_up_nbytes(dist_state.history_indices,
-                               dist_state.history_rounds,
-                               client_state.last_sync_round,
-                               dist_state.round_num, size, value_bits)
-    if k_shared:  # a device that missed the last broadcast needs the indices
-      shared_index_nbytes = codec.index_nbytes(shared_indices, size)
-      stale = dist_state.round_num - client_state.last_sync_round > 1
-      nbytes += tf.where(stale, shared_index_nbytes, tf.constant(0, tf.int64))
-    return synced, nbytes
-
-  # Only the 'topk' catch-up reads the global model: 'union' is not handed it.
-  download_types = (dist_state_type, state_type, shared_type)
-  if from_view:
-    download = tff.tensorflow.computation(*download_types, weights_type)(
-        sync_client)
-  else:
-    download = tff.tensorflow.computation(*download_types)(
-        lambda dist_state, client_state, shared_indices: sync_client(
-            dist_state, client_state, shared_indices, None))
-
-  @tff.tensorflow.computation
-  def server_init():
-    weights = tff.learning.models.ModelWeights.from_model(model_fn())
-    specs = tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights.trainable)
-    return collections.OrderedDict(
-        global_weights=weights,
-        optimizer_state=server_optimizer.initialize(specs))
-
-  server_type = server_init.type_signature.result
-
-  @tff.tensorflow.computation(server_type, tff.TensorType(np.float32, [size]))
-  def server_update(server, mean_update):
-    weights = server['global_weights']
-    trainable = tuple(weights.trainable)
-    gradient = tuple(core.unflatten(mean_update, trainable))
-    opt_state, updated = server_optimizer.next(server['optimizer_state'],
-                                               trainable, gradient)
-    return collections.OrderedDict(
-        global_weights=tff.learning.models.ModelWeights(
-            trainable=list(updated), non_trainable=weights.non_trainable),
-        optimizer_state=opt_state)
-
-  @tff.tensorflow.computation(np.float32, np.int32)
-  def safe_mean(total, count):
-    return total / tf.maximum(tf.cast(count, tf.float32), 1.0)
-
-  @tff.tensorflow.computation
-  def one():
-    return np.int32(1)
+  @tff.tensorflow.computation(flat_type)
+  def as_trainable(flat):  # the finalizer takes the update as trainables
+    specs = [tf.TensorSpec(t.shape, t.dtype)
+             for t in tff.structure.flatten(weights_type.trainable)]
+    return core.unflatten(flat, specs)
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_zip(collections.OrderedDict(
-        server=tff.federated_eval(server_init, tff.SERVER),
-        distributor=distributor.initialize(),
-        aggregator=aggregator.initialize()))
-
-  @tff.tensorflow.computation(dist_state_type)
-  def round_of(dist_state):
-    return dist_state.round_num
+        global_model_weights=stages.initial_weights(),
+        distributor=stages.distributor.initialize(),
+        aggregator=stages.aggregator.initialize(),
+        finalizer=stages.finalizer.initialize()))
 
   @tff.federated_computation(init_fn.type_signature.result,
                              tff.FederatedType(data_type, tff.CLIENTS),
                              tff.FederatedType(state_type, tff.CLIENTS))
   def next_fn(state, client_data, client_states):
-    server_weights = tff.federated_map(
-        _field('global_weights', server_type), state.server)
-    distributed = distributor.next(state.distributor, server_weights)
-    shared_indices = tff.federated_broadcast(
-        tff.federated_map(shared_of, distributed.state))
-    # The per-device download is a server computation placed at CLIENTS
-    # (where the device's state is); devices get only what it counts.
-    download_args = (tff.federated_broadcast(distributed.state), client_states,
-                     shared_indices)
-    if from_view:
-      download_args += (tff.federated_broadcast(server_weights),)
-    client_states, download_nbytes = tff.federated_map(download, download_args)
-    round_num = tff.federated_broadcast(
-        tff.federated_map(round_of, distributed.state))
+    distributed = stages.distributor.next(state.distributor,
+                                          state.global_model_weights)
+    weights, client_states, bytes_down = tff.federated_map(
+        stages.device_download, (distributed.result, client_states))
     uploads, client_states, client_metrics = tff.federated_map(
-        client_update, (distributed.result, client_data, client_states,
-                        round_num, shared_indices))
-    aggregated = aggregator.next(state.aggregator, uploads)
-    server = tff.federated_map(server_update, (state.server, aggregated.result))
-    count = tff.federated_sum(tff.federated_value(one(), tff.CLIENTS))
-
-    def mean_of(name):
-      return tff.federated_map(safe_mean, (
-          tff.federated_sum(client_metrics[name]), count))
-
-    metrics = tff.federated_zip(collections.OrderedDict(
-        loss=mean_of('loss'),
-        clipped_fraction=mean_of('clipped'),
-        upload_residual_norm=mean_of('residual_norm'),
-        bytes_up=aggregated.measurements.bytes_up,
-        bytes_down=tff.federated_sum(download_nbytes),
-        bytes_broadcast=distributed.measurements.bytes_broadcast,
-        server_residual_norm=distributed.measurements.residual_norm,
-        num_clients=count))
+        stages.client_work, (weights, client_data, client_states,
+                             distributed.result.round_num,
+                             distributed.result.shared_indices))
+    aggregated = stages.aggregator.next(state.aggregator, uploads)
+    finalized = stages.finalizer.next(
+        state.finalizer, state.global_model_weights,
+        tff.federated_map(as_trainable, aggregated.result))
     new_state = tff.federated_zip(collections.OrderedDict(
-        server=server, distributor=distributed.state,
-        aggregator=aggregated.state))
-    return new_state, client_states, metrics
+        global_model_weights=finalized.result,
+        distributor=distributed.state, aggregator=aggregated.state,
+        finalizer=finalized.state))
+    measurements = tff.federated_zip(collections.OrderedDict(
+        distributor=distributed.measurements,
+        client_work=tff.federated_mean(client_metrics),
+        bytes_down=tff.federated_sum(bytes_down),
+        aggregator=aggregated.measurements,
+        finalizer=finalized.measurements))
+    return new_state, client_states, measurements
 
   return tff.templates.IterativeProcess(init_fn, next_fn,
                                         next_is_multi_arg=True)
-
-
-def _field(name, struct_type):
-  @tff.tensorflow.computation(struct_type)
-  def get(value):
-    return value[name]
-  return get
 
 
 def num_examples(dataset: tf.data.Dataset) -> int:
@@ -501,22 +155,7 @@ def _count_examples(dataset):
   # A tf.function traces once per dataset structure: an eager `reduce` would
   # trace anew for every device of every round.
   return dataset.reduce(np.int64(0), lambda n, batch: n + tf.shape(
-      _split_batch(batch)[1], out_type=tf.int64)[0])
-
-
-def _check_client_sizes(client_data, min_client_examples: int) -> None:
-  """Refuses devices below `min_client_examples`, before any work.
-
-  Their Poisson sampling rate batch_size / n would exceed the accounted one,
-  so the ledger's ε would understate what they spend.
-  """
-  for i, dataset in enumerate(client_data):
-    n = num_examples(dataset)
-    if n < min_client_examples:
-      raise ValueError(
-          f'client {i} holds {n} examples, fewer than min_client_examples='
-          f'{min_client_examples} that the privacy accounting assumes; '
-          'nothing was run.')
+      split_batch(batch)[1], out_type=tf.int64)[0])
 
 
 class RoundOutput(NamedTuple):
@@ -525,29 +164,50 @@ class RoundOutput(NamedTuple):
   metrics: dict
 
 
+def _flat_metrics(m) -> dict:
+  """The nested measurements under the names runs record."""
+  return {
+      'loss': m['client_work']['loss'],
+      'clipped_fraction': m['client_work']['clipped'],
+      'upload_residual_norm': m['client_work']['residual_norm'],
+      'bytes_up': m['aggregator']['bytes_up'],
+      'bytes_down': m['bytes_down'],
+      'bytes_broadcast': m['distributor']['bytes_broadcast'],
+      'server_residual_norm': m['distributor']['residual_norm'],
+      'num_clients': m['aggregator']['num_clients'],
+      'update_non_finite': m['finalizer']['update_non_finite'],
+      'measurements': m,
+  }
+
+
 class DPSparseFedAvg:
   """A DP-sparse FedAvg learning process with its privacy ledger.
 
   `initialize()`, `next(state, client_data, client_states)` and
   `get_model_weights(state)`, plus `initial_client_state(client_id)` for new
-  devices. `next` records the round's DpEvent in `ledger` first and raises
+  devices. `next` records the round's DpEvent (the mechanism's
+  `round_event`) in `ledger` first and raises
   `tds.privacy.BudgetExhaustedError` (doing no work) past the budget.
   """
 
   def __init__(self, process, *, size, upload_k, download_k, catch_up,
-               privacy, noise_multiplier, round_event, ledger,
-               min_client_examples=None):
+               privacy, ledger):
     self.iterative_process = process
     self.size = size
     self.catch_up = catch_up
     self.upload_k = upload_k
     self.download_k = download_k
-    self.privacy = privacy
-    self.noise_multiplier = noise_multiplier
-    self.round_event = round_event
+    self.privacy = privacy  # a tds.privacy mechanism, or None
     self.ledger = ledger
-    self.min_client_examples = min_client_examples
     self._executors = _workers.LatestCardinality()
+
+  @property
+  def noise_multiplier(self) -> Optional[float]:
+    return None if self.privacy is None else self.privacy.noise_multiplier
+
+  @property
+  def round_event(self):
+    return None if self.privacy is None else self.privacy.round_event()
 
   def initialize(self):
     return self.iterative_process.initialize()
@@ -573,14 +233,15 @@ class DPSparseFedAvg:
     if len(client_data) != len(client_states):
       raise ValueError(f'{len(client_data)} client datasets but '
                        f'{len(client_states)} client states.')
-    if self.min_client_examples is not None:
-      _check_client_sizes(client_data, self.min_client_examples)
+    check = getattr(self.privacy, 'check_num_examples', None)
+    for i, dataset in enumerate(client_data if check else ()):
+      check(num_examples(dataset), who=f'client {i}')
     if self.ledger is not None:
       self.ledger.record(self.round_event)  # raises before any work
-    state, client_states, metrics = self.iterative_process.next(
+    state, client_states, measurements = self.iterative_process.next(
         state, client_data, client_states)
     self._executors.use(len(client_data))
-    metrics = dict(metrics)
+    metrics = _flat_metrics(measurements)
     metrics['epsilon'] = 0.0 if self.ledger is None else self.ledger.epsilon
     metrics['dense_bytes_up'] = metrics['dense_bytes_down'] = (
         int(metrics['num_clients']) * self.size * 4)
@@ -598,7 +259,7 @@ class DPSparseFedAvg:
   @staticmethod
   def get_model_weights(state):
     """The server's global model."""
-    return state['server']['global_weights']
+    return state['global_model_weights']
 
   @staticmethod
   def get_public_weights(state) -> np.ndarray:
@@ -606,33 +267,115 @@ class DPSparseFedAvg:
     return np.asarray(state['distributor']['public'])
 
 
-def _accounted_sampling(privacy: str, *, batch_size, local_steps,
-                        min_client_examples, clients_per_round,
-                        total_clients) -> tuple:
-  """`(sampling_rate, steps_per_round)` that the accountant charges.
+def build_dp_sparse_fed_avg_process(
+    model_fn, client_optimizer, server_optimizer, *, upload_density: float,
+    download_density: float, privacy, local_steps: Optional[int],
+    per_example_loss_fn, value_bits: int, history: int,
+    shared_fraction: float, catch_up: str, catch_up_density: float,
+    seed: Optional[int], audit: AuditHooks = AuditHooks()
+) -> tff.templates.IterativeProcess:
+  """The TFF process composed from its stages; see `build_dp_sparse_fed_avg`."""
+  with tf.Graph().as_default():
+    model = model_fn()
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+    weights_type = tff.learning.models.weights_type_from_model(model)
+  size = sum(int(np.prod(t.shape))
+             for t in tff.structure.flatten(weights_type.trainable))
+  k_up = core.k_for_density(size, upload_density)
+  k_shared = num_shared(size, upload_density, download_density, shared_fraction)
+  state_type = client_state_type(size, with_view=catch_up == 'topk')
 
-  Example level: `local_steps` Poisson steps at the largest rate any
-  admitted device uses, batch_size / min_client_examples. Client level: one
-  release per round, devices Poisson-sampled at clients_per_round /
-  total_clients.
+  @tff.tensorflow.computation
+  def initial_weights():
+    return tff.learning.models.ModelWeights.from_model(model_fn())
+
+  @tff.federated_computation
+  def initial_weights_fn():
+    return tff.federated_eval(initial_weights, tff.SERVER)
+
+  distributor = build_sparse_distributor(
+      initial_weights_fn, density=download_density, value_bits=value_bits,
+      history=history, num_shared=k_shared, catch_up=catch_up)
+  device_download = build_device_download(
+      distributor.next.type_signature.result.result.member, state_type,
+      catch_up=catch_up, catch_up_density=catch_up_density,
+      value_bits=value_bits)
+  upload = core.sparse_upload(k_up, value_bits=value_bits, l2_norm_clip=(
+      None if privacy is None else privacy.upload_clip))
+  dp_sgd = privacy if isinstance(privacy, privacy_lib.ExampleLevelDP) else None
+
+  @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32,
+                              tff.TensorType(np.int32, [k_shared]))
+  def client_work(weights, data, client_state, round_num, shared_indices):
+    return build_client_work(
+        model_fn, client_optimizer, upload=upload, dp_sgd=dp_sgd,
+        local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
+        seed=seed, audit=audit)(weights, data, client_state, round_num,
+                                shared_indices)
+
+  aggregator = DPSparseAggregatorFactory(
+      size, privacy=privacy, num_shared=k_shared,
+      value_bits=value_bits).create(sparse_type(k_up))
+  finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+      server_optimizer, weights_type)
+  return compose(Stages(initial_weights_fn, distributor, device_download,
+                        client_work, aggregator, finalizer),
+                 data_type, state_type)
+
+
+def _mechanism(privacy, *, seed, **params):
+  """The privacy mechanism `build_dp_sparse_fed_avg` was asked for, or None.
+
+  The one place a privacy name becomes an object: 'example' and 'client'
+  build `ExampleLevelDP` / `ClientLevelDP` from the scalar arguments (the
+  noise calibrated when a target ε is given); a mechanism passes through.
   """
-  if privacy == 'example':
-    for name, value in (('batch_size', batch_size),
-                        ('local_steps', local_steps),
-                        ('min_client_examples', min_client_examples)):
-      if value is None or value < 1:
-        raise ValueError(f"privacy='example' needs {name} >= 1.")
-    if min_client_examples < batch_size:
-      raise ValueError(
-          f'min_client_examples={min_client_examples} is below batch_size='
-          f'{batch_size}: the sampling rate batch_size / n must be <= 1.')
-    return batch_size / min_client_examples, local_steps
-  if not clients_per_round or not total_clients:
-    raise ValueError("privacy='client' needs clients_per_round and "
-                     'total_clients.')
-  if clients_per_round > total_clients:
-    raise ValueError('clients_per_round exceeds total_clients.')
-  return clients_per_round / total_clients, 1
+  given = {k: v for k, v in params.items() if v is not None}
+  if privacy is None or not isinstance(privacy, str):
+    if privacy is not None and given.keys() & {
+        'l2_norm_clip', 'noise_multiplier', 'target_epsilon'}:
+      raise ValueError('privacy is a mechanism object: its clip and noise '
+                       'are its own; do not pass them again.')
+    if privacy is not None and seed is not None:
+      privacy = dataclasses.replace(privacy, seed=seed)
+    return privacy
+  if privacy not in ('example', 'client'):
+    raise ValueError("privacy mode must be one of None, 'example', 'client' "
+                     f'or a tds.privacy mechanism, got {privacy!r}.')
+  target = given.pop('target_epsilon', None)
+  if (target is None) == ('noise_multiplier' not in given):
+    raise ValueError(
+        'give exactly one of noise_multiplier and target_epsilon (got '
+        f'{params.get("noise_multiplier")} and {target}): the noise is either '
+        'fixed or calibrated to the target, never both, so the ε reported is '
+        'that of the noise used.')
+  rounds, delta, accountant = (given.pop(k, None) for k in
+                               ('rounds', 'delta', 'accountant'))
+  given.setdefault('noise_multiplier', 0.0)  # calibrated below
+  mechanism = _mechanism_of(privacy, given, seed)
+  if target is not None:
+    mechanism = privacy_lib.calibrated(mechanism, target, rounds=rounds,
+                                       delta=delta, accountant=accountant)
+  return mechanism
+
+
+def _mechanism_of(name: str, given: dict, seed):
+  fields = {'example': ('l2_norm_clip', 'noise_multiplier', 'batch_size',
+                        'local_steps', 'min_client_examples'),
+            'client': ('l2_norm_clip', 'noise_multiplier',
+                       'clients_per_round', 'total_clients')}[name]
+  for field in fields:
+    if given.get(field) is None:
+      raise ValueError(f'privacy={name!r} needs {field}.')
+  cls = (privacy_lib.ExampleLevelDP if name == 'example' else
+         privacy_lib.ClientLevelDP)
+  return cls(**{f: given[f] for f in fields}, seed=seed)
+
+
+def _check_densities(**densities) -> None:
+  for name, density in densities.items():
+    if density is not None and not 0 < density <= 1:
+      raise ValueError(f'{name} must be in (0, 1], got {density}.')
 
 
 def build_dp_sparse_fed_avg(
@@ -642,7 +385,7 @@ def build_dp_sparse_fed_avg(
     *,
     upload_density: float,
     download_density: float,
-    privacy: Optional[str],
+    privacy,
     l2_norm_clip: Optional[float] = None,
     noise_multiplier: Optional[float] = None,
     target_epsilon: Optional[float] = None,
@@ -670,7 +413,9 @@ def build_dp_sparse_fed_avg(
     client_optimizer_fn, server_optimizer_fn: `tff.learning.optimizers`
       optimizers (server default: SGD with learning rate 1, i.e. FedAvg).
     upload_density, download_density: fraction of parameters sent each way.
-    privacy: None, 'example' (local DP-SGD on each device: `local_steps`
+    privacy: a `tds.privacy.ExampleLevelDP` or `ClientLevelDP` (the noise
+      is then the mechanism's, and the scalar privacy arguments below must
+      be left out), None, or by name: 'example' (local DP-SGD on each device: `local_steps`
       steps per round, each on a Poisson sample of the device's examples at
       rate batch_size / n, per-example clipping to `l2_norm_clip` and
       noise; needs `batch_size`, `local_steps`, `min_client_examples`) or
@@ -715,57 +460,41 @@ def build_dp_sparse_fed_avg(
   for its own n >= min_client_examples (n treated as public, as in TF
   Privacy and Opacus), so its ε is at most the one reported.
   """
-  if privacy not in privacy_lib.PRIVACY_MODES:
-    raise ValueError(f'privacy mode must be one of {privacy_lib.PRIVACY_MODES}, '
-                     f'got {privacy!r}.')
-  for name, density in (('upload_density', upload_density),
-                        ('download_density', download_density)):
-    if not 0 < density <= 1:
-      raise ValueError(f'{name} must be in (0, 1], got {density}.')
   audit = audit or AuditHooks()
-  if audit.canary_from is not None and privacy == 'example':
-    raise ValueError('canary clients audit client-level DP; at example level '
-                     'the canaries are examples in device data.')
+  _check_densities(upload_density=upload_density,
+                   download_density=download_density,
+                   catch_up_density=catch_up_density)
   if catch_up not in CATCH_UPS:
     raise ValueError(f'catch_up must be one of {CATCH_UPS}, got {catch_up!r}.')
-  if catch_up_density is None:
-    catch_up_density = download_density
-  elif catch_up != 'topk':
+  if catch_up_density is not None and catch_up != 'topk':
     raise ValueError("catch_up_density applies to catch_up='topk' only.")
-  elif not 0 < catch_up_density <= 1:
-    raise ValueError(
-        f'catch_up_density must be in (0, 1], got {catch_up_density}.')
-  if server_optimizer_fn is None:
-    server_optimizer_fn = tff.learning.optimizers.build_sgdm(learning_rate=1.0)
-  round_event, ledger = None, None
-  if privacy is not None:
-    if l2_norm_clip is None or not l2_norm_clip > 0:
-      raise ValueError(f'privacy={privacy!r} needs l2_norm_clip > 0.')
-    rate, steps_per_round = _accounted_sampling(
-        privacy, batch_size=batch_size, local_steps=local_steps,
-        min_client_examples=min_client_examples,
-        clients_per_round=clients_per_round, total_clients=total_clients)
-    noise_multiplier, round_event, ledger = privacy_lib.round_privacy(
-        sampling_rate=rate, delta=delta, steps_per_round=steps_per_round,
-        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
-        rounds=rounds, accountant=accountant)
-  if per_example_loss_fn is None:
-    per_example_loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
-  process = build_dp_sparse_fed_avg_process(
-      model_fn, client_optimizer_fn, server_optimizer_fn,
-      upload_density=upload_density, download_density=download_density,
-      privacy=privacy, l2_norm_clip=l2_norm_clip,
-      noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
+  mechanism = _mechanism(
+      privacy, seed=seed, l2_norm_clip=l2_norm_clip,
+      noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+      delta=delta, rounds=rounds, accountant=accountant,
+      clients_per_round=clients_per_round, total_clients=total_clients,
       batch_size=batch_size, local_steps=local_steps,
-      per_example_loss_fn=per_example_loss_fn, value_bits=value_bits,
-      history=history, shared_fraction=shared_fraction, catch_up=catch_up,
-      catch_up_density=catch_up_density, seed=seed, audit=audit)
+      min_client_examples=min_client_examples)
+  if audit.canary_from is not None and isinstance(
+      mechanism, privacy_lib.ExampleLevelDP):
+    raise ValueError('canary clients audit client-level DP; at example level '
+                     'the canaries are examples in device data.')
+  process = build_dp_sparse_fed_avg_process(
+      model_fn, client_optimizer_fn, server_optimizer_fn or
+      tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+      upload_density=upload_density, download_density=download_density,
+      privacy=mechanism, local_steps=getattr(mechanism, 'local_steps',
+                                             local_steps),
+      per_example_loss_fn=per_example_loss_fn or
+      tf.keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
+      value_bits=value_bits, history=history, shared_fraction=shared_fraction,
+      catch_up=catch_up, catch_up_density=catch_up_density or download_density,
+      seed=seed, audit=audit)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
+  ledger = None if mechanism is None else privacy_lib.PrivacyLedger(
+      delta, target_epsilon, accountant)
   return DPSparseFedAvg(
       process, size=size, upload_k=core.k_for_density(size, upload_density),
       download_k=core.k_for_density(size, download_density),
-      catch_up=catch_up, privacy=privacy,
-      noise_multiplier=noise_multiplier, round_event=round_event,
-      ledger=ledger, min_client_examples=(
-          min_client_examples if privacy == 'example' else None))
+      catch_up=catch_up, privacy=mechanism, ledger=ledger)

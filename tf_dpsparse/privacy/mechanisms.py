@@ -114,6 +114,10 @@ class ClientLevelDP:
                          self.noise_multiplier * self.l2_norm_clip, self.seed),
         denominator=float(self.clients_per_round))
 
+  def aggregation_query(self) -> tfp.DPQuery:
+    """What the (trusted) aggregator runs: this mechanism's query."""
+    return self.query()
+
   def round_event(self) -> dp_accounting.DpEvent:
     """One round: the event the query emits, Poisson-sampled over devices."""
     query = self.query()
@@ -184,6 +188,10 @@ class ExampleLevelDP:
         l2_norm_clip=self.l2_norm_clip,
         noise_multiplier=self.noise_multiplier, seed=seed)
     return mean
+
+  def aggregation_query(self) -> None:
+    """None: uploads are DP already, the server takes their plain mean."""
+    return None
 
   def step_event(self) -> dp_accounting.DpEvent:
     return accounting.sampled_gaussian_event(self.noise_multiplier,

@@ -1,0 +1,231 @@
+"""Client work: what a device does in a round, as one TFF computation.
+
+Local training (plain SGD on the caller's batches, or DP-SGD with an
+`ExampleLevelDP`), then the update (`core.model_update`: initial -
+trained) through the `core.sparse_upload` stage with the device's
+residual. The residual is per-device state that never leaves the device:
+TFF's client-work template cannot return it, so the composer
+(`learning.compose`) carries client states through this computation.
+
+`AuditHooks` instrument it for `tf-dpsparse audit` only.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Mapping, NamedTuple, Optional
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tf_dpsparse import core
+from tf_dpsparse.keras import per_example as keras_per_example
+
+
+class AuditHooks(NamedTuple):
+  """Instruments for `tf-dpsparse audit` (`tf_dpsparse.audit_runs`), not devices.
+
+  - Canary clients (Andrew et al., "One-shot Empirical Privacy Estimation
+    for Federated Learning", ICLR 2024): a client whose id is >=
+    `canary_from` is a test instrument, not a device. Its trained update is
+    replaced by `canary_norm` * `canary_direction(id, size, canary_seed,
+    canary_k)` *before* error feedback, top-k, the client-level clip and
+    wire rounding, so the canary takes every path a real update takes.
+    `canary_k` coordinates (None: all) make a canary that top-k passes
+    whole, the strongest for a sparse upload. Client level or non-private
+    only (example-level canaries are examples in device data).
+  - `return_uploads`: each device's returned state also holds its upload
+    (`upload_indices`, `upload_values`), exactly what the server receives.
+    Under example-level DP the server is not trusted, so this grants the
+    auditor nothing the threat model does not.
+  Neither changes what a real device computes or sends.
+  """
+  canary_from: Optional[int] = None
+  canary_seed: int = 0
+  canary_norm: float = 1.0
+  canary_k: Optional[int] = None
+  return_uploads: bool = False
+
+
+def canary_direction(canary_id, size: int, seed: int,
+                     k: Optional[int] = None) -> tf.Tensor:
+  """Canary `canary_id`'s fixed direction: uniform on the unit sphere of R^size
+  (or of k random coordinates), from the stateless seed (seed, id), so the
+  auditor regenerates it after training, as Andrew et al. do."""
+  key = tf.stack([tf.constant(seed, tf.int64), tf.cast(canary_id, tf.int64)])
+  v = tf.random.stateless_normal([size], seed=key)
+  if k is not None and k < size:
+    keep = tf.math.top_k(tf.random.stateless_uniform([size], seed=key + 1),
+                         k=k).indices
+    v = tf.scatter_nd(keep[:, None], tf.gather(v, keep), [size])
+  return v / tf.norm(v)
+
+
+def split_batch(batch):
+  if isinstance(batch, Mapping):
+    return batch['x'], batch['y']
+  return batch[0], batch[1]
+
+
+def _all_examples(data):
+  """The device's whole dataset as two tensors `(x, y)` (any batching in).
+
+  Poisson sampling draws from every example each step, so the device holds
+  its (small: hundreds of sensor windows) dataset in memory.
+  """
+  return split_batch(data.unbatch().batch(2**31 - 1).get_single_element())
+
+
+def build_client_work(model_fn, optimizer, *, upload: core.Stage,
+                      dp_sgd=None, local_steps: Optional[int],
+                      per_example_loss_fn, seed, audit=AuditHooks()):
+  """The device's round as a tf.function (builds its own model, as TFF does).
+
+  `client_work(weights, data, client_state, round_num, shared_indices)`
+  trains from `weights`, turns the update (`core.model_update`, initial -
+  trained) into its upload with the `upload` stage (`core.sparse_upload`:
+  top-k with the device's residual, clipped for client-level DP, rounded to
+  the wire) and returns `(upload, client_state, metrics)`, the state's
+  residual replaced and every other field unchanged.
+
+  With `dp_sgd` (a `tds.privacy.ExampleLevelDP`) training is `local_steps`
+  DP-SGD steps, each on a Poisson sample of the device's n examples at rate
+  batch_size / n (`dp_sgd.private_gradient`); otherwise the caller's
+  batches, `local_steps` of them at most.
+  """
+  model = model_fn()
+
+  # No Python control flow depends on tensors here: skipping autograph
+  # avoids its closure-mismatch warnings on the nested functions.
+  @tf.function(autograph=False)
+  def client_work(initial_weights, data, client_state, round_num,
+                  shared_indices):
+    weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+    trainable = tuple(weights.trainable)
+    client_seed = None if seed is None else core.fold_in_seed(
+        core.fold_in_seed(seed, round_num), client_state.client_id)
+    if dp_sgd is not None:
+      x_all, y_all = _all_examples(data)
+      gradients = _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
+                                    per_example_loss_fn, client_seed)
+      steps = tf.data.Dataset.range(local_steps)
+      data = tf.data.Dataset.from_tensors((x_all, y_all))  # for the metric
+    else:
+      gradients, steps = _batch_gradients(model, trainable), data
+    _train(optimizer, trainable, steps, gradients)
+    update = _canary_or(audit, client_state.client_id, core.model_update(
+        initial_weights.trainable, weights.trainable))
+    # Example level: `update` is DP-SGD output and the shared indices are the
+    # last broadcast's, so every index chosen here is post-processing.
+    # Client level: the upload is only released inside the noised aggregate.
+    sent, upload_state, upload_metrics = upload.update(
+        update, core.UploadState(client_state.residual),
+        shared_indices if shared_indices.shape[0] else None)
+    return (collections.OrderedDict(indices=sent.indices, values=sent.values),
+            _new_client_state(client_state, upload_state, sent, audit),
+            collections.OrderedDict(
+                loss=_training_loss(model, data),
+                clipped=tf.cast(upload_metrics.clipped, tf.float32),
+                residual_norm=upload_metrics.residual_norm))
+
+  return client_work
+
+
+def _new_client_state(client_state, upload_state, sent, audit):
+  """The client state with its new residual (and, for an audit, the upload)."""
+  new_state = tff.structure.to_odict(client_state)
+  new_state['residual'] = upload_state.residual
+  if audit.return_uploads:
+    new_state['upload_indices'] = sent.indices
+    new_state['upload_values'] = sent.values
+  return new_state
+
+
+def _train(optimizer, trainable, steps: tf.data.Dataset, gradients) -> None:
+  """One optimizer step per element of `steps` (a batch, or a step index)."""
+
+  @tf.autograph.experimental.do_not_convert
+  def reduce_fn(loop_state, element):
+    step, opt_state = loop_state
+    grads = gradients(element, step)
+    opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
+    tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
+    return step + 1, opt_state
+
+  specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+  steps.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)),
+               reduce_fn)
+
+
+def _canary_or(audit: AuditHooks, client_id, update):
+  """`update`, or for an audit's canary client its fixed direction."""
+  if audit.canary_from is None:
+    return update
+  return tf.where(
+      client_id >= audit.canary_from, audit.canary_norm *
+      canary_direction(client_id, update.shape[0], audit.canary_seed,
+                       audit.canary_k), update)
+
+
+def _batch_gradients(model, trainable):
+  """Plain (non-private at the device) gradients of the caller's batches."""
+
+  def gradients(batch, step):
+    del step
+    with tf.GradientTape() as tape:
+      output = model.forward_pass(batch, training=True)
+    return tape.gradient(output.loss, trainable)
+
+  return gradients
+
+
+def _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
+                      per_example_loss_fn, client_seed):
+  """DP-SGD gradients of one Poisson-sampled step (`dp_sgd.private_gradient`).
+
+  Each sampled example's gradient comes from the model run on that example
+  alone (`tds.core.per_example_gradients`, vectorized), so clipping a row
+  bounds exactly one example's contribution. A model from
+  `tff.learning.models.from_keras_model` goes through the Keras front's
+  `per_example_gradients` (its convolutions' kernel gradients vectorized);
+  its `predict_on_batch` is that Keras model's call.
+  """
+  size = sum(v.shape.num_elements() for v in trainable)
+  # TFF's Keras wrapper exposes no public accessor for its Keras model.
+  keras_model = getattr(model, '_keras_model', None)
+
+  def rows_fn(indices):
+    x, y = tf.gather(x_all, indices), tf.gather(y_all, indices)
+    if keras_model is not None:
+      return keras_per_example.per_example_gradients(
+          keras_model, per_example_loss_fn, trainable, x, y)
+    return core.per_example_gradients(
+        lambda batch: per_example_loss_fn(
+            batch[1], model.predict_on_batch(batch[0], training=True)),
+        trainable, (x, y))
+
+  def gradients(step_element, step):
+    del step_element
+    step_seed = None if client_seed is None else core.fold_in_seed(
+        client_seed, step)
+    mean = dp_sgd.private_gradient(rows_fn, num_examples=tf.shape(y_all)[0],
+                                   size=size, seed=step_seed)
+    return core.unflatten(mean, trainable)
+
+  return gradients
+
+
+def _training_loss(model, data):
+  """Mean loss of the trained model on the device's data: a diagnostic.
+
+  Computed from raw data and not covered by ε: simulations report it; a
+  deployed device sends only its upload (`tds.server`).
+  """
+  def add(total, batch):
+    output = model.forward_pass(batch, training=False)
+    n = tf.cast(output.num_examples, tf.float32)
+    return total[0] + output.loss * n, total[1] + n
+
+  loss_sum, count = data.reduce((0.0, 0.0), add)
+  return loss_sum / tf.maximum(count, 1.0)
