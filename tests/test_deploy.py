@@ -1,0 +1,262 @@
+"""tds.deploy: the server on wire bytes, its checks, its ledger, no TFF.
+
+Parity with the TFF front is tests/test_parity.py; LiteRT devices against
+this server are in tests/test_lite.py.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tf_dpsparse as tds
+from tf_dpsparse.wire import codec as codec_impl
+
+DELTA = 1e-5
+
+
+def _sparse(indices, values, size):
+  return tds.core.SparseUpdate(np.asarray(indices),
+                               np.asarray(values, np.float32), size)
+
+
+def _malformed_payloads(size):
+  """One payload per defect class of the codec, with the reason to expect."""
+  good = codec_impl.encode(_sparse([1, 4, 9], [1., -2., 3.], size))
+  raw = lambda indices: (codec_impl.MAGIC + bytes([1, 2 << 2]) +
+                         codec_impl._put_varint(size) +
+                         codec_impl._put_varint(len(indices)) +
+                         np.array(indices, '<u4').tobytes() +
+                         np.ones(len(indices), '<f4').tobytes())
+  nan = bytearray(good)
+  nan[-4:] = np.array([np.nan], '<f4').tobytes()
+  return {
+      'empty': (b'', 'empty'),
+      'truncated': (good[:-3], 'truncated'),
+      'bad magic': (b'XX' + good[2:], 'magic'),
+      'bad version': (good[:2] + bytes([9]) + good[3:], 'version'),
+      'size mismatch': (codec_impl.encode(_sparse([1], [1.], size + 1)),
+                        'size mismatch'),
+      'out of range': (raw([2, size]), 'out of range'),
+      'duplicate': (raw([5, 5]), 'duplicate'),
+      'unsorted': (raw([7, 5]), 'not sorted'),
+      'k > size': (codec_impl.MAGIC + bytes([1, 2 << 2]) +
+                   codec_impl._put_varint(size) +
+                   codec_impl._put_varint(size + 1), 'exceeds size'),
+      'nan': (bytes(nan), 'NaN or Inf'),
+      'trailing garbage': (good + b'\x00', 'trailing garbage'),
+      'not bytes': ('DS', 'must be bytes'),
+      'k > upload k': (codec_impl.encode(_sparse(np.arange(6), np.ones(6),
+                                                 size)), 'oversized upload'),
+  }
+
+
+def test_rejects_malformed_oversized_and_duplicate_uploads():
+  size = 40
+  initial = np.random.default_rng(0).normal(size=size).astype(np.float32)
+  server = tds.deploy.DeploymentServer(initial, upload_density=0.125,
+                                       download_density=0.25)
+  assert (server.upload_k, server.k) == (5, 10)
+  rng = np.random.default_rng(1)
+  valid = {}
+  for cid in ('a', 'b', 'c'):
+    update = _sparse(rng.choice(size, 5, replace=False), rng.normal(size=5),
+                     size)
+    valid[cid] = tds.core.densify(update).numpy()
+    assert server.submit(cid, codec_impl.encode(update))
+  malformed = _malformed_payloads(size)
+  for cid, (payload, _) in malformed.items():
+    assert not server.submit(cid, payload)
+  assert not server.submit('a', codec_impl.encode(update))  # twice: refused
+  result = server.finish_round()
+  assert result.accepted == ('a', 'b', 'c') and result.round_num == 1
+  for cid, (_, reason) in malformed.items():
+    assert reason in result.rejected[cid], (cid, result.rejected[cid])
+  assert 'duplicate upload' in result.rejected['a']
+  assert server.rejected_total == len(malformed) + 1
+  # An update is initial - trained: the server steps against the mean.
+  np.testing.assert_allclose(server.global_weights,
+                             initial - np.mean(list(valid.values()), axis=0),
+                             atol=1e-6)
+  decoded = tds.wire.decode(result.download, size)
+  assert len(decoded.indices) == server.k
+  np.testing.assert_array_equal(
+      tds.wire.apply_broadcast(initial, result.download), server.public_weights)
+  # The next round starts clean.
+  assert server.submit('a', codec_impl.encode(update))
+  assert server.finish_round().rejected == {}
+
+
+def test_plain_mean_with_learning_rate_and_an_empty_round():
+  size = 8
+  server = tds.deploy.DeploymentServer(
+      np.ones(size, np.float32), upload_density=0.5, download_density=1.0,
+      server_learning_rate=0.5)
+  server.submit(0, tds.wire.encode(_sparse([0, 1], [2., 4.], size)))
+  server.submit(1, tds.wire.encode(_sparse([1, 2], [2., 2.], size)))
+  result = server.finish_round()
+  expected = np.ones(size, np.float32)
+  expected[:3] -= 0.5 * np.array([1., 3., 1.])
+  np.testing.assert_array_equal(server.global_weights, expected)
+  np.testing.assert_array_equal(server.public_weights, expected)  # dense
+  assert result.num_clipped == 0 and result.epsilon == float('inf')
+  assert server.ledger is None
+  result = server.finish_round()  # nobody came: the model stays
+  np.testing.assert_array_equal(server.global_weights, expected)
+  assert result.accepted == () and result.round_num == 2
+
+
+def test_client_level_clips_and_adds_calibrated_noise():
+  size, clip, z, cpr = 20_000, 2.0, 1.5, 4
+  huge = _sparse(np.arange(10), np.full(10, 100.), size)
+  server = tds.deploy.DeploymentServer(
+      np.zeros(size, np.float32), upload_density=0.01, download_density=1.0,
+      privacy=tds.privacy.ClientLevelDP(clip, 0.0, cpr, total_clients=cpr))
+  server.submit(0, tds.wire.encode(huge))
+  result = server.finish_round()
+  assert result.num_clipped == 1
+  expected = -tds.core.clip_by_l2_norm(tds.core.densify(huge), clip)[0] / cpr
+  np.testing.assert_allclose(server.global_weights, expected, atol=1e-6)
+
+  def noise(seed):
+    noisy = tds.deploy.DeploymentServer(
+        np.zeros(size, np.float32), upload_density=0.01, download_density=0.01,
+        privacy=tds.privacy.ClientLevelDP(clip, z, cpr, total_clients=40,
+                                          seed=seed))
+    noisy.finish_round()  # no uploads: the release is pure noise
+    first = noisy.global_weights
+    noisy.finish_round()  # the query's release counter moves the seed on
+    return first, noisy.global_weights - first
+
+  first, second = noise(3)
+  # N(0, (zC/cpr)^2); 20k draws: the sample std is within 3 % (6 std errors).
+  assert np.std(first) == pytest.approx(z * clip / cpr, rel=0.03)
+  assert abs(np.corrcoef(first, second)[0, 1]) < 0.05
+  np.testing.assert_array_equal(noise(3)[0], first)  # seeded: repeats
+  assert not np.allclose(noise(None)[0], noise(None)[0])  # OS entropy
+
+
+def test_ledger_charges_each_round_and_refuses_past_the_budget():
+  size, clip, z, cpr, total = 50, 1.0, 1.2, 5, 50
+  privacy = tds.privacy.ClientLevelDP(clip, z, cpr, total_clients=total,
+                                      seed=1)
+  two_rounds = tds.privacy.compute_epsilon(z, cpr / total, 2, DELTA)
+  server = tds.deploy.DeploymentServer(
+      np.zeros(size, np.float32), upload_density=0.2, download_density=0.2,
+      privacy=privacy, delta=DELTA, epsilon_budget=two_rounds * 1.001)
+  payload = tds.wire.encode(_sparse([1, 2], [0.1, 0.2], size))
+  for round_num in (1, 2):
+    server.submit('a', payload)
+    result = server.finish_round()
+    assert result.epsilon == pytest.approx(tds.privacy.compute_epsilon(
+        z, cpr / total, round_num, DELTA), rel=1e-9)  # dp_accounting's ε
+  global_before, spent = server.global_weights, server.ledger.epsilon
+  with pytest.raises(tds.privacy.BudgetExhaustedError):
+    server.open_round()  # before any device is invited
+  with pytest.raises(tds.privacy.BudgetExhaustedError):
+    server.submit('a', payload)  # refused before the upload is read
+  with pytest.raises(tds.privacy.BudgetExhaustedError):
+    server.finish_round()  # nothing is released
+  assert server.ledger.epsilon == spent and server.round_num == 2
+  np.testing.assert_array_equal(server.global_weights, global_before)
+  # Charged once per round, at its first upload, whatever else arrives.
+  ledger = tds.privacy.PrivacyLedger(DELTA)
+  server = tds.deploy.DeploymentServer(
+      np.zeros(size, np.float32), upload_density=0.2, download_density=0.2,
+      privacy=privacy, ledger=ledger)
+  server.submit('a', b'junk')
+  one_round = tds.privacy.compute_epsilon(z, cpr / total, 1, DELTA)
+  assert ledger.epsilon == pytest.approx(one_round, rel=1e-9)
+  assert server.open_round() == ledger.epsilon  # already paid
+  server.submit('b', payload)
+  server.finish_round()
+  assert sum(entry.count for entry in ledger.entries) == 1
+  assert server.open_round() > one_round  # the next round
+
+
+def test_example_level_ledger_is_the_worst_case_device():
+  privacy = tds.privacy.ExampleLevelDP(
+      l2_norm_clip=1.0, noise_multiplier=1.1, batch_size=8, local_steps=3,
+      min_client_examples=100)
+  server = tds.deploy.DeploymentServer(
+      np.zeros(10, np.float32), upload_density=0.5, download_density=0.5,
+      privacy=privacy)
+  server.submit(0, tds.wire.encode(_sparse([3], [1.], 10)))
+  result = server.finish_round()
+  assert result.num_clipped == 0  # uploads are DP already: no server clip
+  np.testing.assert_array_equal(server.global_weights[3], -1.0)
+  assert result.epsilon == pytest.approx(
+      tds.privacy.compute_epsilon(1.1, 0.08, 3, DELTA), rel=1e-9)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(epsilon_budget=1.0), 'needs a privacy mechanism'),
+    (dict(ledger=tds.privacy.PrivacyLedger(DELTA)), 'needs a privacy'),
+    (dict(privacy=tds.privacy.ClientLevelDP(1.0, 1.0, 2, 4),
+          ledger=tds.privacy.PrivacyLedger(DELTA), epsilon_budget=1.0),
+     'not both'),
+    (dict(value_bits=12), 'value_bits'),
+    (dict(download_density=0.0), 'density'),
+])
+def test_constructor_errors(kwargs, match):
+  args = {'upload_density': 0.5, 'download_density': 0.5, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    tds.deploy.DeploymentServer(np.zeros(10, np.float32), **args)
+  with pytest.raises(ValueError, match='flat vector'):
+    tds.deploy.DeploymentServer(np.zeros((2, 5)), upload_density=0.5,
+                                download_density=0.5)
+
+
+@pytest.mark.parametrize('value_bits', [32, 8])
+def test_catch_up_lands_a_returning_device_on_the_public_model(value_bits):
+  size = 60
+  rng = np.random.default_rng(2)
+  server = tds.deploy.DeploymentServer(
+      rng.normal(size=size).astype(np.float32), upload_density=0.1,
+      download_density=0.1, value_bits=value_bits, history=3)
+  views = {0: server.public_weights}  # round synced at -> the device's view
+  for _ in range(5):
+    for cid in range(3):
+      server.submit(cid, tds.wire.encode(_sparse(
+          rng.choice(size, 6, replace=False), rng.normal(size=6), size)))
+    download = server.finish_round().download
+    views[server.round_num] = tds.deploy.apply_broadcast(
+        views[server.round_num - 1], download)
+    np.testing.assert_array_equal(views[server.round_num],
+                                  server.public_weights)
+  for last_sync in range(server.round_num + 1):
+    payload = server.catch_up(last_sync)
+    if last_sync < server.round_num - 3:  # out of the kept history
+      assert payload is None
+      continue
+    np.testing.assert_array_equal(
+        tds.deploy.apply_catch_up(views[last_sync], payload),
+        server.public_weights)
+  assert len(tds.wire.decode(server.catch_up(server.round_num), size).indices) \
+      == 0  # up to date: nothing to send
+  with pytest.raises(ValueError, match='last_sync_round'):
+    server.catch_up(server.round_num + 1)
+
+
+def test_deploy_runs_without_tensorflow_federated():
+  """A deployment imports no TFF: not on import, not in a client-level round."""
+  code = '''
+import sys
+import numpy as np
+import tf_dpsparse as tds
+server = tds.deploy.DeploymentServer(
+    np.zeros(10, np.float32), upload_density=0.2, download_density=0.2,
+    privacy=tds.privacy.ClientLevelDP(1.0, 1.0, 2, 4, seed=0),
+    epsilon_budget=10.0)
+server.submit(0, tds.wire.encode(tds.core.SparseUpdate(
+    np.array([1]), np.array([1.], np.float32), 10)))
+server.finish_round()
+tds.deploy.apply_catch_up(np.zeros(10, np.float32), server.catch_up(0))
+loaded = [m for m in sys.modules if m.startswith('tensorflow_federated')]
+assert not loaded, loaded
+print('ok')
+'''
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr

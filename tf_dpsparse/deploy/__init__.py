@@ -1,0 +1,21 @@
+"""`tds.deploy`: a deployment without TFF, the server and what devices apply.
+
+`DeploymentServer` is the long-lived server on wire bytes: it validates
+uploads, aggregates them through the same privacy object and core stages
+as the TFF front (`tds.federated`), keeps its `PrivacyLedger` and refuses a
+round past the budget, and answers with one encoded download per round.
+A device applies a download with `apply_broadcast` and a catch-up with
+`apply_catch_up` (both `tds.wire`, numpy only); `tds.lite.LiteClient` does
+the former itself. Nothing here imports TensorFlow Federated.
+
+Sign: an update is `initial - trained` (`tds.core.model_update`); the
+server applies the mean with `tds.core.apply_update`.
+"""
+
+from tf_dpsparse.deploy.server import DeploymentServer
+from tf_dpsparse.deploy.server import RoundResult
+from tf_dpsparse.wire.downloads import apply_broadcast
+from tf_dpsparse.wire.downloads import apply_catch_up
+
+__all__ = ['DeploymentServer', 'RoundResult', 'apply_broadcast',
+           'apply_catch_up']
