@@ -15,8 +15,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('codec', 'core', 'data', 'deploy', 'federated', 'keras',
-                    'lite', 'privacy', 'server', 'wire')
+_LAZY_SUBMODULES = ('codec', 'config', 'core', 'data', 'deploy', 'federated',
+                    'keras', 'lite', 'privacy', 'wire')
 
 
 def __getattr__(name):

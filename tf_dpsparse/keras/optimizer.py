@@ -38,7 +38,7 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
   `tds.core.gaussian_average` clips each to `l2_norm_clip`, sums, adds
   N(0, (noise_multiplier * l2_norm_clip)^2) and divides by the number of rows
   of a fixed-size batch, or by `expected_batch_size` under Poisson sampling
-  (DP-SGD); `tds.core.topk_with_error_feedback` keeps the `density` fraction
+  (DP-SGD); the upload stage `tds.core.sparse_upload` keeps the `density` fraction
   of largest coordinates of that noised mean plus the residual; the inner
   optimizer applies the densified slice. The slice is exactly what a device
   would upload, and `wire_bytes` adds up its `tds.codec` encoded size.
@@ -423,9 +423,9 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
           'DPSparseOptimizer was built for other variables (or another '
           'order): the residual is one flat vector over them.')
     with tf.name_scope(name or self.name):
-      sparse, residual = core.topk_with_error_feedback(
-          core.flatten(grads), self._k, self._residual)
-      self._residual.assign(residual)
+      sparse, upload_state, _ = core.sparse_upload(self._k).update(
+          core.flatten(grads), core.UploadState(self._residual))
+      self._residual.assign(upload_state.residual)
       self._wire_bytes.assign_add(codec.encoded_nbytes(sparse.indices,
                                                        self._size))
       update = core.unflatten(core.densify(sparse), list(var_list))
