@@ -5,15 +5,22 @@ each get the same .tflite client, exported once from the package's HAPT
 model. Every round each device runs Poisson-sampled DP-SGD steps on its own
 windows inside LiteRT (`LiteClient.train_step`: each window joins each step's
 batch independently with probability q = batch size / the device's number of
-windows), uploads the encoded top-k of its update (its residual stays on the
-device), and the server (`tds.server.PayloadRound`) validates, averages and
-answers with one encoded top-k download that every device applies. All of it
-runs in this one process; only bytes pass between devices and server. In
-round 2 one device's upload is cut short in transit: the server rejects it
-and the round goes on. Prints the test accuracy of the model the devices
-hold, the bytes each way, and the largest ε of a device (example-level DP):
-`tds.privacy.compute_epsilon` of the Poisson-sampled Gaussian steps it ran,
-at the device's q and the noise multiplier read from its .tflite.
+windows), uploads the encoded top-k of its update (initial - trained; its residual
+stays on the device), and the server (`tds.deploy.DeploymentServer`)
+validates, averages and answers with one encoded top-k download that every
+device applies. All of it runs in this one process; only bytes pass between
+devices and server. In round 2 one device's upload is cut short in transit:
+the server rejects it and the round goes on.
+
+Privacy is example-level (the server is not trusted): a
+`tds.privacy.ExampleLevelDP` built from the settings read off the .tflite,
+at the largest q any device uses (the device with the fewest windows). The
+server's ledger charges its DpEvent every round and reports ε (the
+worst-case device's, taking part in every round); with `--epsilon-budget`
+it refuses the round that would exceed it, before any device trains for
+it, and the run stops there.
+Prints the test accuracy of the model the devices hold, the bytes each way
+and ε.
 
 Run: `python examples/lite_devices.py` (`--devices 3 --rounds 5` is quicker).
 """
@@ -25,7 +32,6 @@ import numpy as np
 
 import tf_dpsparse as tds
 from tf_dpsparse import models
-from tf_dpsparse.server import PayloadRound
 
 DELTA = 1e-5
 
@@ -48,6 +54,8 @@ def parse_args():
   parser.add_argument('--noise-multiplier', type=float, default=1.0)
   parser.add_argument('--upload-density', type=float, default=0.02)
   parser.add_argument('--download-density', type=float, default=0.1)
+  parser.add_argument('--epsilon-budget', type=float, default=None,
+                      help=f'stop before a round would spend more (δ={DELTA:g})')
   parser.add_argument('--seed', type=int, default=0,
                       help='picks the users; sampling and noise are unseeded')
   args = parser.parse_args()
@@ -56,17 +64,19 @@ def parse_args():
   return args
 
 
-def max_epsilon(devices, local, steps):
-  """The largest ε over devices: `steps` Poisson-sampled Gaussian steps each."""
-  return max(
-      tds.privacy.compute_epsilon(device.noise_multiplier,
-                                  device.sampling_rate(len(local[cid][1])),
-                                  steps, DELTA)
-      for cid, device in devices.items())
+def device_privacy(device, local, local_steps):
+  """The devices' DP-SGD as the ledger's mechanism: settings from the .tflite,
+  the accounted rate batch_size / (the fewest windows of any device)."""
+  return tds.privacy.ExampleLevelDP(
+      l2_norm_clip=device.l2_norm_clip,
+      noise_multiplier=device.noise_multiplier,
+      batch_size=device.batch_size, local_steps=local_steps,
+      min_client_examples=min(len(y) for _, y in local.values()))
 
 
 def run_round(round_num, args, devices, local, server, users):
   """Every device trains and uploads; the server answers; all apply it."""
+  server.open_round()  # the ledger's charge, before any device trains
   for cid, device in devices.items():
     x, y = local[cid]
     for _ in range(args.local_steps):
@@ -75,7 +85,7 @@ def run_round(round_num, args, devices, local, server, users):
     if round_num == 2 and cid == users[0]:
       payload = payload[:len(payload) // 2]  # a link drops the tail
     server.submit(cid, payload)
-  result = server.finish()
+  result = server.finish_round()
   for device in devices.values():
     device.apply_download(result.download)
   return result
@@ -84,6 +94,8 @@ def run_round(round_num, args, devices, local, server, users):
 def describe(args, users, local, test_y, model_bytes, devices, server):
   device = devices[users[0]]
   rates = [device.sampling_rate(len(y)) for _, y in local.values()]
+  budget = ('' if args.epsilon_budget is None else
+            f', budget ε={args.epsilon_budget:g}')
   print(f'{args.devices} HAPT users {users}: '
         f'{sum(len(y) for _, y in local.values()):,} training windows; '
         f'test set {len(test_y):,} windows')
@@ -93,8 +105,8 @@ def describe(args, users, local, test_y, model_bytes, devices, server):
   print(f'sampling: Poisson, each window joins each DP-SGD step with q = '
         f'{device.batch_size} / (the device\'s windows), q in '
         f'[{min(rates):.3f}, {max(rates):.3f}]; ε is the Poisson-subsampled '
-        f'Gaussian\'s (noise multiplier {device.noise_multiplier:g}), at '
-        f'δ={DELTA:g}')
+        f'Gaussian\'s at the largest q (noise multiplier '
+        f'{device.noise_multiplier:g}), at δ={DELTA:g}{budget}')
 
 
 def main():
@@ -110,33 +122,43 @@ def main():
       noise_multiplier=args.noise_multiplier, density=args.upload_density,
       learning_rate=args.learning_rate, num_classes=data.num_classes)
   devices = {cid: tds.lite.LiteClient(model_bytes) for cid in users}
-  server = PayloadRound(devices[users[0]].get_weights(),
-                        density=args.download_density, mode='example')
+  server = tds.deploy.DeploymentServer(
+      devices[users[0]].get_weights(), upload_density=args.upload_density,
+      download_density=args.download_density,
+      privacy=device_privacy(devices[users[0]], local, args.local_steps),
+      delta=DELTA, epsilon_budget=args.epsilon_budget)
   describe(args, users, local, test_y, model_bytes, devices, server)
   print(f'initial accuracy {accuracy(devices[users[0]], test_x, test_y):.3f}')
   print(f'{"round":>5} {"accuracy":>8} {"accepted":>8} {"rejected":>8} '
-        f'{"bytes up":>9} {"bytes down":>10} {"% dense":>8} {"max ε":>7} '
+        f'{"bytes up":>9} {"bytes down":>10} {"% dense":>8} {"ε":>7} '
         f'{"s":>5}')
   dense_round_bytes = 2 * args.devices * tds.codec.dense_nbytes(server.size)
-  total_bytes = 0
+  total_bytes, rounds = 0, 0
   for round_num in range(1, args.rounds + 1):
     start = time.perf_counter()
-    result = run_round(round_num, args, devices, local, server, users)
-    epsilon = max_epsilon(devices, local, round_num * args.local_steps)
+    try:
+      result = run_round(round_num, args, devices, local, server, users)
+    except tds.privacy.BudgetExhaustedError as e:
+      print(f'round {round_num} refused, nothing released: {e}')
+      break
+    rounds = round_num
     bytes_down = result.bytes_down * args.devices
     total_bytes += result.bytes_up + bytes_down
     print(f'{round_num:>5} {accuracy(devices[users[0]], test_x, test_y):>8.3f} '
           f'{len(result.accepted):>8} {len(result.rejected):>8} '
           f'{result.bytes_up:>9,} {bytes_down:>10,} '
           f'{100 * (result.bytes_up + bytes_down) / dense_round_bytes:>7.2f}% '
-          f'{epsilon:>7.2f} {time.perf_counter() - start:>5.1f}')
+          f'{result.epsilon:>7.2f} {time.perf_counter() - start:>5.1f}')
     for cid, reason in result.rejected.items():
       print(f'      rejected {cid}: {reason}')
-  print(f'total {total_bytes:,} bytes over {args.rounds} rounds '
-        f'({100 * total_bytes / (args.rounds * dense_round_bytes):.2f} % of '
-        f'dense both ways); max ε: the device with the fewest windows (the '
-        'largest q); the server residual holds what downloads have not sent '
-        f'yet (L2 {result.residual_norm:.3f}).')
+  if not rounds:
+    return
+  print(f'total {total_bytes:,} bytes over {rounds} rounds '
+        f'({100 * total_bytes / (rounds * dense_round_bytes):.2f} % of '
+        f'dense both ways); ε {server.ledger.epsilon:.2f} at δ={DELTA:g} '
+        '(the ledger\'s: every round charged); the server residual holds '
+        'what downloads have not sent yet (L2 '
+        f'{result.residual_norm:.3f}).')
 
 
 if __name__ == '__main__':

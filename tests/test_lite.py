@@ -1,5 +1,5 @@
-"""LiteRT client and payload server: TF parity, Poisson sampling, builtins only,
-noise, wire checks."""
+"""LiteRT client: TF parity, Poisson sampling, builtins only, noise, the
+update's sign, and devices against `tds.deploy.DeploymentServer`."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,6 @@ from scipy import stats
 from sklearn.datasets import load_digits
 
 import tf_dpsparse as tds
-from tf_dpsparse.wire import codec as codec_impl
-from tf_dpsparse.server import PayloadRound
 
 K = tf.keras.layers
 CLIP = 0.5
@@ -249,8 +247,9 @@ def test_get_update_is_core_topk_with_error_feedback(conv1d_bytes, tmp_path):
     for x, y in batches(conv1d_model(), 2, seed=round_num):
       client.train(x, y)
     before = _state(client, tmp_path)
+    # The update is initial - trained (TFF's sign): public - weights.
     expected, expected_residual = tds.core.topk_with_error_feedback(
-        before['weights'] - before['public'], client.k, before['residual'])
+        before['public'] - before['weights'], client.k, before['residual'])
     got = client.get_update()
     assert got.size == client.size and len(got.indices) == client.k
     for a, b in zip(_by_index(got), _by_index(expected)):
@@ -274,7 +273,7 @@ def test_update_clip_bounds_upload_and_keeps_the_rest(tmp_path):
   after = _state(client, tmp_path)
   np.testing.assert_allclose(
       tds.core.densify(sent).numpy() + after['residual'],
-      before['weights'] - before['public'] + before['residual'], atol=1e-6)
+      before['public'] - before['weights'] + before['residual'], atol=1e-6)
 
 
 def test_eight_bit_upload_is_rounded_on_device_and_keeps_the_error(tmp_path):
@@ -293,7 +292,7 @@ def test_eight_bit_upload_is_rounded_on_device_and_keeps_the_error(tmp_path):
   after = _state(client, tmp_path)
   np.testing.assert_allclose(
       tds.core.densify(sent).numpy() + after['residual'],
-      before['weights'] - before['public'] + before['residual'], atol=1e-7)
+      before['public'] - before['weights'] + before['residual'], atol=1e-7)
   with pytest.raises(ValueError, match='value_bits'):
     export(dense_model(), value_bits=16)
 
@@ -302,14 +301,15 @@ def test_eight_bit_upload_is_rounded_on_device_and_keeps_the_error(tmp_path):
 def test_apply_download_reconstructs_the_server_public_model(
     dense_bytes, value_bits):
   clients = [tds.lite.LiteClient(dense_bytes) for _ in range(3)]
-  server = PayloadRound(clients[0].get_weights(), density=0.2,
-                        mode='example', value_bits=value_bits)
+  server = tds.deploy.DeploymentServer(
+      clients[0].get_weights(), upload_density=0.1, download_density=0.2,
+      value_bits=value_bits)
   for round_num in range(3):
     for cid, client in enumerate(clients):
       for x, y in batches(dense_model(), 2, seed=10 * round_num + cid):
         client.train(x, y)
       assert server.submit(cid, client.upload())
-    result = server.finish()
+    result = server.finish_round()
     assert result.accepted == (0, 1, 2) and not result.rejected
     for client in clients:
       client.apply_download(result.download)
@@ -376,89 +376,6 @@ def test_noise_differs_between_interpreters_unless_seeded():
   assert np.std(diff) == pytest.approx(expected_std, rel=0.2)
 
 
-def _malformed_payloads(size):
-  """One payload per defect class of the codec, with the reason to expect."""
-  good = codec_impl.encode(tds.core.SparseUpdate(
-      np.array([1, 4, 9]), np.array([1., -2., 3.], np.float32), size))
-  raw = lambda indices: (codec_impl.MAGIC + bytes([1, 2 << 2]) +
-                         codec_impl._put_varint(size) +
-                         codec_impl._put_varint(len(indices)) +
-                         np.array(indices, '<u4').tobytes() +
-                         np.ones(len(indices), '<f4').tobytes())
-  nan = bytearray(good)
-  nan[-4:] = np.array([np.nan], '<f4').tobytes()
-  return {
-      'empty': (b'', 'empty'),
-      'truncated': (good[:-3], 'truncated'),
-      'bad magic': (b'XX' + good[2:], 'magic'),
-      'bad version': (good[:2] + bytes([9]) + good[3:], 'version'),
-      'size mismatch': (codec_impl.encode(tds.core.SparseUpdate(
-          np.array([1]), np.ones(1, np.float32), size + 1)), 'size mismatch'),
-      'out of range': (raw([2, size]), 'out of range'),
-      'duplicate': (raw([5, 5]), 'duplicate'),
-      'unsorted': (raw([7, 5]), 'not sorted'),
-      'k > size': (codec_impl.MAGIC + bytes([1, 2 << 2]) +
-                   codec_impl._put_varint(size) +
-                   codec_impl._put_varint(size + 1), 'exceeds size'),
-      'nan': (bytes(nan), 'NaN or Inf'),
-      'trailing garbage': (good + b'\x00', 'trailing garbage'),
-      'not bytes': ('DS', 'must be bytes'),
-  }
-
-
-def test_server_rejects_every_malformed_class_and_finishes_the_round():
-  size = 40
-  initial = np.random.default_rng(0).normal(size=size).astype(np.float32)
-  server = PayloadRound(initial, density=0.25, mode='example')
-  rng = np.random.default_rng(1)
-  valid = {}
-  for cid in ('a', 'b', 'c'):
-    update = tds.core.SparseUpdate(rng.choice(size, 5, replace=False),
-                                   rng.normal(size=5).astype(np.float32), size)
-    valid[cid] = tds.core.densify(update).numpy()
-    assert server.submit(cid, codec_impl.encode(update))
-  malformed = _malformed_payloads(size)
-  for cid, (payload, _) in malformed.items():
-    assert not server.submit(cid, payload)
-  assert not server.submit('a', codec_impl.encode(update))  # twice: refused
-  result = server.finish()
-  assert result.accepted == ('a', 'b', 'c')
-  for cid, (_, reason) in malformed.items():
-    assert reason in result.rejected[cid], (cid, result.rejected[cid])
-  assert 'duplicate upload' in result.rejected['a']
-  assert server.rejected_total == len(malformed) + 1
-  np.testing.assert_allclose(server.global_weights,
-                             initial + np.mean(list(valid.values()), axis=0),
-                             atol=1e-6)
-  decoded = tds.codec.decode(result.download, size)
-  assert len(decoded.indices) == server.k
-  # The next round starts clean.
-  assert server.submit('a', codec_impl.encode(update))
-  assert server.finish().rejected == {}
-
-
-def test_server_client_level_clips_and_adds_calibrated_noise():
-  size, clip, z, cpr = 20_000, 2.0, 1.5, 4
-  huge = tds.core.SparseUpdate(np.arange(10), np.full(10, 100., np.float32),
-                               size)
-  server = PayloadRound(np.zeros(size, np.float32), density=1.0, mode='client',
-                        l2_norm_clip=clip, noise_multiplier=0.0,
-                        clients_per_round=cpr)
-  server.submit(0, tds.codec.encode(huge))
-  result = server.finish()
-  assert result.num_clipped == 1
-  expected = tds.core.clip_by_l2_norm(tds.core.densify(huge), clip)[0] / cpr
-  np.testing.assert_allclose(server.global_weights, expected, atol=1e-6)
-
-  noisy = PayloadRound(np.zeros(size, np.float32), density=0.01, mode='client',
-                       l2_norm_clip=clip, noise_multiplier=z,
-                       clients_per_round=cpr, seed=3)
-  noisy.finish()  # no uploads: the release is pure noise, N(0, (zC/cpr)^2)
-  # 20k draws: the sample std is within 3 % (about 6 standard errors).
-  assert np.std(noisy.global_weights) == pytest.approx(z * clip / cpr,
-                                                       rel=0.03)
-
-
 def test_save_restore_set_weights_and_bad_download(dense_bytes, tmp_path):
   client = tds.lite.LiteClient(dense_bytes)
   for x, y in batches(dense_model(), 2):
@@ -507,15 +424,23 @@ def test_three_devices_learn_digits_with_poisson_dp_sgd():
   model_bytes = export(model, batch_size=16, l2_norm_clip=1.0,
                        noise_multiplier=0.5, learning_rate=1.0, density=0.25)
   clients = [tds.lite.LiteClient(model_bytes) for _ in range(3)]
-  server = PayloadRound(clients[0].get_weights(), density=0.25, mode='example')
+  privacy = tds.privacy.ExampleLevelDP(
+      l2_norm_clip=1.0, noise_multiplier=0.5, batch_size=16, local_steps=10,
+      min_client_examples=500)
+  server = tds.deploy.DeploymentServer(
+      clients[0].get_weights(), upload_density=0.25, download_density=0.25,
+      privacy=privacy)
   shards = np.array_split(np.arange(1500), 3)
   for _ in range(20):
     for cid, (client, shard) in enumerate(zip(clients, shards)):
-      for _ in range(10):
+      for _ in range(privacy.local_steps):
         client.train_step(x[shard], y[shard])
-      server.submit(cid, client.upload())
-    download = server.finish().download
+      assert server.submit(cid, client.upload())
+    download = server.finish_round().download
     for client in clients:
       client.apply_download(download)
   accuracy = np.mean(np.argmax(clients[0].infer(x[1500:]), 1) == y[1500:])
   assert accuracy > 0.7, accuracy
+  # The server's ledger: each device's 200 Poisson steps at q = 16 / 500.
+  assert server.ledger.epsilon == pytest.approx(tds.privacy.compute_epsilon(
+      0.5, clients[0].sampling_rate(500), 200, 1e-5), rel=1e-9)

@@ -6,8 +6,10 @@ its upload residual and public model, emits the top-k update and applies the
 sparse download; `LiteClient` drives it from numpy and speaks `tds.codec`.
 `LiteClient.train_step` is a Poisson-sampled DP-SGD step over the device's
 examples (each joins with probability q = batch_size / n), the sampling
-`tds.privacy.compute_epsilon` accounts for. The server side of a deployment
-without TFF is `tds.server.PayloadRound`.
+`tds.privacy.compute_epsilon` accounts for. An uploaded update is
+public - trained weights (initial - trained, `tds.core.model_update`, the
+sign of every front). The server side of a deployment without TFF is
+`tds.deploy.DeploymentServer`.
 """
 
 from tf_dpsparse.lite.client import LiteClient

@@ -140,7 +140,12 @@ class LiteClient:
     return self._runners['infer'](x=np.asarray(x, np.float32))['logits']
 
   def get_update(self) -> SparseUpdate:
-    """The top-k update since the last sync (consumes it; residual kept)."""
+    """The top-k update since the last sync (consumes it; residual kept).
+
+    An update is public - weights: initial - trained, the sign
+    `tds.core.model_update` fixes for every front, which the server applies
+    with `tds.core.apply_update` (weights - rate * mean).
+    """
     out = self._runners['get_update']()
     return SparseUpdate(out['indices'], out['values'], self.size)
 

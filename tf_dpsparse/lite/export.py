@@ -18,7 +18,9 @@ signatures, each a `tf.function` that calls `tds.core`:
   settings baked in, so the runtime wrapper accounts with the exported ones.
 * `infer(x) -> logits` (any batch size).
 * `get_update() -> indices, values`: `core.topk_with_error_feedback` of
-  (weights - public) plus the residual. With `update_l2_norm_clip`, the sent
+  the update `core.model_update(public, weights)` = public - weights
+  (initial - trained, TFF's sign: every front's) plus the residual, which
+  therefore has the same sign. With `update_l2_norm_clip`, the sent
   values are clipped by `core.clip_by_l2_norm` and what clipping removed goes
   back into the residual (client-level DP). With `value_bits=8` the values
   are rounded on the device to what the wire carries, the error kept too.
@@ -49,7 +51,7 @@ and the residual of earlier noised steps, so choosing its top-k is
 post-processing; the residual and the accumulator never leave the device.
 With `update_l2_norm_clip` (client-level) the upload is clipped but not
 noised: the server must be trusted to add noise to the aggregate
-(`tds.server`).
+(`tds.deploy.DeploymentServer` with a `tds.privacy.ClientLevelDP`).
 
 Noise: `core.add_gaussian_noise` is called unseeded, which lowers to the
 RANDOM_STANDARD_NORMAL builtin. Without `seed` its seed attributes are 0 and
@@ -169,9 +171,9 @@ class _ClientModule(tf.Module):
     return {'logits': self._forward(self._params, x, False)}
 
   def _get_update(self):
-    delta = core.flatten(self._params) - self._public
+    update = core.model_update(self._public, self._params)  # initial - trained
     sparse, residual, _ = core.clipped_topk_with_error_feedback(
-        delta, self._k, self._residual, self._update_clip,
+        update, self._k, self._residual, self._update_clip,
         value_bits=self._value_bits)
     self._residual.assign(residual)
     self._assign_weights(self._public)
@@ -261,7 +263,7 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
     keras_model: a built `tf.keras.Sequential` of supported layers
       (`tds.lite.SUPPORTED_LAYERS`) whose output is `num_classes` logits (or
       a final softmax). Its current weights are the client's initial weights
-      and must equal the server's (`tds.server.PayloadRound`). The model
+      and must equal the server's (`tds.deploy.DeploymentServer`). The model
       itself is not modified.
     batch_size: the expected batch size q * n of a Poisson-sampled step (a
       device with n examples samples each with q = batch_size / n), and the
