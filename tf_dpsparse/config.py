@@ -221,6 +221,18 @@ class RunConfig:
       raise ValueError(f'{flag} would be ignored: {unused[name]}.')
     return config
 
+  @property
+  def dp_sgd_on_device(self) -> bool:
+    """Example level: each device Poisson-samples its own examples every
+    DP-SGD step, so it is handed all of them."""
+    return self.privacy == 'example'
+
+  @property
+  def poisson_clients(self) -> bool:
+    """Client level: devices join each round independently at rate
+    clients_per_round / num_clients, as the accountant assumes."""
+    return self.privacy == 'client'
+
   def dense(self) -> 'RunConfig':
     """The same run dense and float32 both ways: the baseline of every ratio."""
     return dataclasses.replace(self, upload_density=1.0, download_density=1.0,

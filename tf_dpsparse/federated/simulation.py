@@ -53,7 +53,7 @@ def device_dataset(examples: tf.data.Dataset, num_examples: int,
   """A device's (unbatched) examples as the process takes them: all of them
   for example level, where the device Poisson-samples each step, else
   `local_steps` shuffled batches."""
-  if config.privacy == 'example':
+  if config.dp_sgd_on_device:
     return examples.batch(config.batch_size)
   return examples.shuffle(max(num_examples, 1),
                           seed=int(rng.integers(2**31))).repeat().batch(
@@ -144,7 +144,7 @@ class _Scorer:
 def _sample(config: RunConfig, client_ids: List[str], per_round: int, rng):
   """A round's devices as the accountant assumes them: Poisson at rate
   per_round / total for client-level DP, else a uniform fixed-size sample."""
-  if config.privacy == 'client':
+  if config.poisson_clients:
     return data_lib.sample_clients(client_ids, rng=rng,
                                    rate=per_round / len(client_ids))
   return data_lib.sample_clients(client_ids, rng=rng,
