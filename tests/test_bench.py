@@ -1,8 +1,11 @@
-"""`tf-dpsparse bench` (tf_dpsparse.baselines.paper_table) and the DSSGD baseline."""
+"""`tf-dpsparse bench` (`tf_dpsparse.baselines.paper_table`) and DSSGD."""
 
 import csv
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import tf_dpsparse as tds
 
 pytest.importorskip('tensorflow_federated')
 from tf_dpsparse import cli  # noqa: E402
+from tf_dpsparse import config as run_config  # noqa: E402
 from tf_dpsparse import data  # noqa: E402
 from tf_dpsparse.baselines import dssgd  # noqa: E402
 from tf_dpsparse.baselines import paper_table  # noqa: E402
@@ -63,18 +67,95 @@ def test_quick_bench_writes_table_csv_json_png_and_accountant_epsilon(tmp_path):
 
 
 def test_topk_catch_up_row_runs_only_where_devices_miss_rounds():
-  from tf_dpsparse.federated import simulation
-  mnist = simulation.RunConfig(**paper_table.SETUPS['mnist'])
+  mnist = run_config.RunConfig(**paper_table.SETUPS['mnist'])
   config, _ = paper_table._method('ours-2%-topk-3%', mnist)
   assert (config.catch_up, config.upload_density, config.download_density,
           config.catch_up_density) == ('topk', 0.02, 0.02, 0.03)
   assert paper_table._method('ours-2%', mnist)[0].catch_up == 'union'
-  hapt = simulation.RunConfig(**paper_table.SETUPS['hapt'])  # all, every round
+  hapt = run_config.RunConfig(**paper_table.SETUPS['hapt'])  # all, every round
   assert 'same run' in paper_table._method('ours-2%-topk', hapt)
   assert 'no example-level' in paper_table._method('compress-dp', hapt)
 
 
-def test_zero_clip_reaches_the_builder_error(tmp_path):
-  with pytest.raises(ValueError, match='l2_norm_clip'):
-    cli.main(['bench', '--quick', '--rounds', '1', '--methods', 'ours-1%',
-              '--l2-norm-clip', '0', '--out', str(tmp_path), '--no-progress'])
+def _refused(capsys, monkeypatch, argv):
+  """Runs `tf-dpsparse bench argv` with training replaced by a failure, and
+  returns its one line of stderr: a refused flag must stop before any
+  method runs."""
+  def no_training(*args, **kwargs):
+    raise AssertionError('a method ran before the flags were checked')
+
+  monkeypatch.setattr(paper_table, 'run_methods', no_training)
+  assert cli.main(['bench', *argv]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(
+      'tf-dpsparse bench: error: '), err
+  return err
+
+
+def test_negative_epsilon_fails_before_fedavg_runs(capsys, monkeypatch):
+  err = _refused(capsys, monkeypatch, ['--quick', '--methods', 'fedavg',
+                                       'dp-dense', '--target-epsilon', '-1'])
+  assert '--target-epsilon must be > 0' in err
+
+
+def test_zero_rounds_is_refused_not_replaced_by_the_setups(capsys, monkeypatch):
+  assert '--rounds must be >= 1' in _refused(capsys, monkeypatch,
+                                             ['--quick', '--rounds', '0'])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--l2-norm-clip', '0'], '--l2-norm-clip must be > 0'),
+    (['--seed', '-1'], '--seed must be >= 0'),
+    (['--dataset', 'mnist'], 'drop --quick or --dataset mnist'),
+    (['--methods', 'fedavg', 'fedavg'], 'fedavg more than once'),
+    (['--methods', 'fedavg', 'compress', '--target-epsilon', '3'],
+     '--target-epsilon would be ignored'),
+    (['--methods', 'fedavg', 'dssgd', '--l2-norm-clip', '0.5'],
+     '--l2-norm-clip would be ignored'),
+    (['--methods', 'fedavg', 'dp-dense', '--value-bits', '16'],
+     '--value-bits would be ignored'),
+    (['--methods', 'compress-dp'], 'no method of --methods applies'),
+])
+def test_every_bad_flag_fails_before_any_method(capsys, monkeypatch, argv,
+                                                message):
+  assert message in _refused(capsys, monkeypatch, ['--quick', *argv])
+
+
+def test_an_out_that_is_a_file_fails_before_training(capsys, monkeypatch,
+                                                     tmp_path):
+  (tmp_path / 'taken').write_text('')
+  err = _refused(capsys, monkeypatch, ['--quick', '--out',
+                                       str(tmp_path / 'taken')])
+  assert 'is a file' in err
+
+
+def test_unset_flags_take_runconfigs_defaults_and_set_ones_override():
+  parse = paper_table.build_parser().parse_args
+  quick = paper_table.base_config(parse(['--quick']))
+  defaults = run_config.RunConfig(dataset='digits')
+  for name in ('target_epsilon', 'value_bits', 'seed', 'l2_norm_clip',
+               'batch_size', 'client_learning_rate'):
+    assert getattr(quick, name) == getattr(defaults, name), name
+  assert quick.rounds == paper_table.SETUPS['digits']['rounds']
+  hapt = paper_table.base_config(parse(['--rounds', '3', '--seed', '2']))
+  assert (hapt.dataset, hapt.rounds, hapt.seed, hapt.local_steps) == (
+      'hapt', 3, 2, run_config.RunConfig.local_steps)
+
+
+def test_help_and_a_refused_flag_answer_without_tensorflow():
+  code = textwrap.dedent("""
+      import contextlib, io, sys
+      from tf_dpsparse.baselines import paper_table
+      with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+          paper_table.main(['--help'], prog='tf-dpsparse bench')
+        except SystemExit as e:
+          assert e.code == 0
+      assert '--quick' in out.getvalue()
+      assert paper_table.main(['--rounds', '0']) == 2
+      print(sorted(m for m in sys.modules if m.split('.')[0] in
+                   ('tensorflow', 'tensorflow_federated')))
+  """)
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=120, check=True)
+  assert proc.stdout.strip() == '[]'

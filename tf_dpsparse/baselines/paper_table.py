@@ -1,17 +1,24 @@
 """The paper's comparison on one data set: ours against FedAvg, DP-FedAvg, TFF's
 8-bit compression, DSSGD and upload-only top-k, on the same data and schedule.
 
-Every method runs through `simulation.run` (same seed, data split, client
-sampling, rounds, local steps and evaluation); TFF's algorithms and DSSGD
-plug in as process builders (`tf_dpsparse.baselines.tff_baselines`,
-`tf_dpsparse.baselines.dssgd`). Private methods get
-the same target ε: ours and DP-FedAvg are calibrated by `tds.privacy` and
-their ε is recomputed by the accountant from the recorded events; DSSGD
-spends the same ε as pure ε-DP by basic composition.
+A research module (`tf_dpsparse.baselines`), not package API. Every method
+runs through `simulation.run` (same seed, data split, client sampling,
+rounds, local steps and evaluation); TFF's algorithms and DSSGD plug in as
+process builders (`tf_dpsparse.baselines.tff_baselines`,
+`tf_dpsparse.baselines.dssgd`). Private methods get the same target ε: ours
+and DP-FedAvg are calibrated by `tds.privacy` and their ε is recomputed by
+the accountant from the recorded events; DSSGD spends the same ε as pure
+ε-DP by basic composition.
 
-Set-ups: hapt (30 users, example-level DP, the IoT case), mnist (1,000
-Dirichlet(0.5) clients, 50 per round, client-level DP, the large-scale case),
-digits (10 clients, example-level; `--quick`, a few minutes).
+Set-ups: hapt (the main job, `tf-dpsparse run`'s defaults: 30 users,
+example-level DP, the IoT case), mnist (1,000 Dirichlet(0.5) clients, 50 per
+round, client-level DP, the large-scale case), digits (10 clients,
+example-level; `--quick`, a few minutes). Whatever a set-up or a flag does
+not name is `RunConfig`'s default, so the table cannot drift from the run.
+
+Every method's config is made, and so checked, before the first one trains:
+a bad flag fails in a second with one line and exit code 2, not after an
+hour of training.
 
 Writes to --out: table.md (the table, the targets met or not, the command
 and date), rounds.json and rounds.csv (every round of every method),
@@ -31,23 +38,41 @@ import functools
 import os
 import shlex
 import sys
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from tf_dpsparse.baselines import dssgd
-from tf_dpsparse.baselines import tff_baselines
-from tf_dpsparse.federated import build_dp_sparse_fed_avg
-from tf_dpsparse.federated import simulation
+# Only the config here: it imports no TensorFlow, so `--help` and a refused
+# flag answer at once; the methods' modules load when they run (`_builder`).
+from tf_dpsparse import config as run_config
+from tf_dpsparse.config import RunConfig
 
+PROG = 'python -m tf_dpsparse.baselines.paper_table'
+# Not JobOptions.out ('runs/latest'): a table must not overwrite the main
+# job's results.
+DEFAULT_OUT = 'runs/bench'
+# Each set-up names only what it changes from RunConfig's defaults, and why.
 SETUPS = {
-    'hapt': dict(dataset='hapt', rounds=90, local_steps=2, privacy='example'),
+    # The main job as `tf-dpsparse run` runs it: RunConfig's rounds, local
+    # steps, clip, batch size and learning rates, at example level (each
+    # method then sets its own densities).
+    'hapt': dict(dataset='hapt', privacy='example'),
     # Client level clips whole model deltas, far smaller than HAPT's
     # per-example gradients: 0.3 was best for DP-FedAvg and ours among
-    # {0.1, 0.3, 1} (README; tuning is not charged to ε, as is usual).
+    # {0.1, 0.3, 1} (README; tuning is not charged to ε, as is usual). 1,000
+    # Dirichlet devices at 50 a round is the large-scale case, where devices
+    # miss rounds; 100 rounds of 5 steps are the README table's schedule.
     'mnist': dict(dataset='mnist', rounds=100, local_steps=5, num_clients=1000,
                   partition='dirichlet', alpha=0.5, clients_per_round=50,
                   privacy='client', l2_norm_clip=0.3),
+    # --quick: 10 IID devices of ~144 digits; fewer, longer rounds than the
+    # main job's (15 of 5 steps) learn digits with every method in a few
+    # minutes on 2 cores.
     'digits': dict(dataset='digits', rounds=15, local_steps=5, num_clients=10,
                    partition='iid', privacy='example'),
 }
+QUICK_SETUP = 'digits'
+# The RunConfig fields the flags of the same name set (None: not given).
+FLAG_FIELDS = ('rounds', 'target_epsilon', 'l2_norm_clip', 'value_bits',
+               'seed')
 # name: (density both ways, catch-up of devices that missed rounds, and its
 # density for 'topk')
 OURS = {'ours-2%': (0.02, 'union', None), 'ours-1%': (0.01, 'union', None),
@@ -56,6 +81,8 @@ OURS = {'ours-2%': (0.02, 'union', None), 'ours-1%': (0.01, 'union', None),
         'ours-2%-topk-3%': (0.02, 'topk', 0.03)}
 METHODS = ('fedavg', 'dp-dense', 'compress', 'compress-dp', 'dssgd',
            'upload-only', *OURS)
+# The methods that send their values at --value-bits (dense ones: float32).
+SPARSE_VALUES = ('dssgd', 'upload-only', *OURS)
 NOTES = {
     'fedavg': "TFF build_unweighted_fed_avg, dense, non-private",
     'dp-dense': 'same privacy, dense both ways (example level: ours at '
@@ -74,50 +101,131 @@ NOTES = {
         f'{100 * catch_up_density:g} % of what it missed')
        for name, (density, catch_up, catch_up_density) in OURS.items()},
 }
-TFF_FED_AVG = tff_baselines.build_tff_fed_avg
 
 
-def _method(name: str, base: simulation.RunConfig):
-  """(config, builder) of one method, or why it does not apply here."""
+class Method(NamedTuple):
+  """One row of the table: its config (made, so checked) and its builder's
+  key in `_builder` (a key, not the builder: importing it imports TFF)."""
+  name: str
+  config: RunConfig
+  builder: str
+
+
+def _builder(key: str):
+  """The process builder of `key`, imported only when its method runs."""
+  # pylint: disable=import-outside-toplevel
+  if key == 'dssgd':
+    from tf_dpsparse.baselines import dssgd
+    return dssgd.build_dssgd
+  if key in ('tff', 'tff-8bit'):
+    from tf_dpsparse.baselines import tff_baselines
+    return functools.partial(tff_baselines.build_tff_fed_avg,
+                             quantize=key == 'tff-8bit')
+  from tf_dpsparse.federated import build_dp_sparse_fed_avg
+  return build_dp_sparse_fed_avg
+
+
+def _method(name: str, base: RunConfig) -> Union[Tuple[RunConfig, str], str]:
+  """(config, builder key) of one method, or why it does not apply here.
+
+  Each config is a `dataclasses.replace` of `base`, which validates it.
+  """
   replace = functools.partial(dataclasses.replace, base)
-  non_private = replace(privacy=None, target_epsilon=None)
+  non_private = replace(privacy=None, target_epsilon=None,
+                        noise_multiplier=None)
   example = base.privacy == 'example'
   if name == 'fedavg':
-    return non_private, TFF_FED_AVG
+    return non_private, 'tff'
   if name == 'dp-dense':
-    return (base.dense(), build_dp_sparse_fed_avg) if example else (
-        base, TFF_FED_AVG)
+    return (base.dense(), 'ours') if example else (base, 'tff')
   if name == 'compress':
-    return non_private, functools.partial(TFF_FED_AVG, quantize=True)
+    return non_private, 'tff-8bit'
   if name == 'compress-dp':
     if example:
-      return "TFF has no example-level DP client for its quantizer to compose with"
-    return base, functools.partial(TFF_FED_AVG, quantize=True)
+      return ('TFF has no example-level DP client for its quantizer to '
+              'compose with')
+    return base, 'tff-8bit'
   if name == 'dssgd':
-    return replace(upload_density=0.01, download_density=0.01), dssgd.build_dssgd
+    return replace(upload_density=0.01, download_density=0.01), 'dssgd'
   if name == 'upload-only':
-    return (replace(upload_density=0.01, download_density=1.0),
-            build_dp_sparse_fed_avg)
+    return replace(upload_density=0.01, download_density=1.0), 'ours'
   density, catch_up, catch_up_density = OURS[name]
   if catch_up == 'topk' and base.clients_per_round is None:
     return ('every device takes part in every round, so no device has a '
             'round to catch up on: the same run as union catch-up')
   return (replace(upload_density=density, download_density=density,
                   catch_up=catch_up, catch_up_density=catch_up_density),
-          build_dp_sparse_fed_avg)
+          'ours')
 
 
-def run_methods(base: simulation.RunConfig, methods, progress=True):
-  results = []
-  for name in methods:
+def base_config(args: argparse.Namespace) -> RunConfig:
+  """The set-up's config with the flags given; RunConfig fills the rest
+  (and refuses a bad value, e.g. --rounds 0 or --target-epsilon -1)."""
+  if args.quick and args.dataset not in (None, QUICK_SETUP):
+    raise ValueError(f'--quick is the {QUICK_SETUP} set-up: drop --quick or '
+                     f'--dataset {args.dataset}.')
+  setup = SETUPS[QUICK_SETUP if args.quick else args.dataset or
+                 RunConfig.dataset]
+  given = {name: getattr(args, name) for name in FLAG_FIELDS
+           if getattr(args, name) is not None}
+  try:
+    return RunConfig(**{**setup, **given})
+  except ValueError as e:  # name the flag, where a flag set the field
+    name = str(e).split(' ', 1)[0]
+    if name not in given:
+      raise
+    raise ValueError(f'--{name.replace("_", "-")}{str(e)[len(name):]}') from e
+
+
+def _check_flags_used(args: argparse.Namespace, methods: List[Method]) -> None:
+  """Refuses a flag no chosen method reads: it would be recorded in the
+  command while changing nothing."""
+  private = [m.name for m in methods if m.config.privacy is not None]
+  readers = {
+      'target_epsilon': private,
+      'l2_norm_clip': [name for name in private if name != 'dssgd'],
+      'value_bits': [m.name for m in methods if m.name in SPARSE_VALUES],
+  }
+  for name, used_by in readers.items():
+    if getattr(args, name) is not None and not used_by:
+      raise ValueError(f'--{name.replace("_", "-")} would be ignored: no '
+                       'method of --methods uses it.')
+
+
+def plan(args: argparse.Namespace) -> Tuple[List[Method], List[str]]:
+  """Every chosen method's config, made and checked before any trains, and
+  a line for each method that does not apply to the set-up.
+
+  Raises ValueError (one line) for anything the flags get wrong, so that a
+  bad value cannot surface after the first methods have run.
+  """
+  duplicates = sorted({m for m in args.methods if args.methods.count(m) > 1})
+  if duplicates:
+    raise ValueError(f'--methods lists {", ".join(duplicates)} more than once.')
+  run_config.JobOptions(out=args.out)  # refuses an --out it cannot write
+  base = base_config(args)
+  methods, skipped = [], []
+  for name in args.methods:
     method = _method(name, base)
     if isinstance(method, str):
-      print(f'skipping {name}: {method}')
-      continue
-    config, builder = method
-    result = simulation.run(config, progress=progress, label=name,
-                            builder=builder)
-    if name == 'dssgd':
+      skipped.append(f'{name}: {method}')
+    else:
+      methods.append(Method(name, *method))
+  if not methods:
+    raise ValueError(f'no method of --methods applies to the {base.dataset} '
+                     'set-up (' + '; '.join(skipped) + ').')
+  _check_flags_used(args, methods)
+  return methods, skipped
+
+
+def run_methods(methods: Sequence[Method], progress: bool = True) -> list:
+  """Runs each planned method through `simulation.run`, in order."""
+  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
+  results = []
+  for method in methods:
+    result = simulation.run(method.config, progress=progress,
+                            label=method.name, builder=_builder(method.builder))
+    if method.name == 'dssgd':
       result['summary']['delta'] = 0.0  # pure ε-DP
     results.append(result)
   return results
@@ -156,7 +264,10 @@ def verdicts(results) -> list:
 
 
 def write_csv(results, path: str) -> None:
-  fields = ['method', *results[0]['rounds'][0]]
+  """Every round of every method, one row each (a method none of whose
+  rounds drew a device has no row)."""
+  records = [record for r in results for record in r['rounds']]
+  fields = ['method', *(records[0] if records else ())]
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fields)
     writer.writeheader()
@@ -166,6 +277,9 @@ def write_csv(results, path: str) -> None:
 
 
 def report(results, command: str) -> str:
+  """table.md: the command and date (to rerun it), the table, the targets
+  met or not, and what each row is."""
+  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
   date = datetime.date.today().isoformat()
   notes = [f'- {r["label"]}: {NOTES[r["label"]]}' for r in results]
   return '\n'.join([
@@ -175,51 +289,86 @@ def report(results, command: str) -> str:
       'clients, both ways.'])
 
 
-def build_parser(prog=None) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
-  parser.add_argument('--dataset', choices=tuple(SETUPS), default='hapt')
-  parser.add_argument('--quick', action='store_true',
-                      help='digits, 10 clients, 15 rounds: a few minutes')
-  parser.add_argument('--rounds', type=int, default=None,
-                      help='default: 90 (hapt), 100 (mnist), 15 (digits)')
+def write_outputs(results, out: str, command: str) -> None:
+  """Writes table.md, rounds.csv, rounds.json and accuracy.png to `out` and
+  prints the table."""
+  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
+  paths = simulation.save(results, out)
+  write_csv(results, os.path.join(out, 'rounds.csv'))
+  text = report(results, command)
+  with open(os.path.join(out, 'table.md'), 'w') as f:
+    f.write(text + '\n')
+  print('\n' + text)
+  print(f'\nwrote {out}/table.md, rounds.csv, {paths["rounds.json"]}, '
+        f'{paths["accuracy.png"]}')
+
+
+def _per_setup(name: str) -> str:
+  """`name`'s default in each set-up, for --help: the set-up's own value or
+  RunConfig's."""
+  return ', '.join(f'{setup} {values.get(name, getattr(RunConfig, name)):g}'
+                   for setup, values in SETUPS.items())
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+  """The bench's flags. Their defaults are None ("not given"): the set-up
+  and RunConfig supply the values, and --help says which."""
+  fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+  parser = argparse.ArgumentParser(prog=prog or PROG,
+                                   description=__doc__.split('\n\n')[0])
+  parser.add_argument('--dataset', choices=tuple(SETUPS), help=(
+      f'the set-up (default: RunConfig\'s data set, {RunConfig.dataset})'))
+  parser.add_argument('--quick', action='store_true', help=(
+      f'the {QUICK_SETUP} set-up ({SETUPS[QUICK_SETUP]["rounds"]} rounds): a '
+      'few minutes'))
+  parser.add_argument('--rounds', type=int, help=(
+      f'federated rounds (default: the set-up\'s: {_per_setup("rounds")})'))
   parser.add_argument('--methods', nargs='+', choices=METHODS,
-                      default=list(METHODS))
-  parser.add_argument('--target-epsilon', type=float, default=8.0)
-  parser.add_argument('--l2-norm-clip', type=float, default=None,
-                      help="clip of ours and DP-FedAvg (default: the set-up's, "
-                      '1.0 for hapt and digits, 0.3 for mnist)')
-  parser.add_argument('--value-bits', type=int, choices=(16, 8), default=16,
-                      help='wire precision of the values ours, upload-only '
-                      'and DSSGD send (dense baselines stay float32)')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='data split, client sampling and initial model of '
-                      'every method (DP noise comes from OS entropy)')
-  parser.add_argument('--out', default='runs/bench')
-  parser.add_argument('--no-progress', action='store_true')
+                      default=list(METHODS), metavar='METHOD', help=(
+                          'rows of the table, in order, of: ' +
+                          ', '.join(METHODS).replace('%', '%%') +
+                          ' (default: all)'))
+  parser.add_argument('--target-epsilon', type=float, help=(
+      'ε every private method spends over the run (default: RunConfig\'s, '
+      f'{run_config.DEFAULT_TARGET_EPSILON:g})'))
+  parser.add_argument('--l2-norm-clip', type=float, help=(
+      'clip of ours and DP-FedAvg (default: the set-up\'s: '
+      f'{_per_setup("l2_norm_clip")})'))
+  parser.add_argument('--value-bits', type=int,
+                      choices=fields['value_bits'].metadata['choices'], help=(
+                          'wire precision of the values ours, upload-only and '
+                          'DSSGD send; dense baselines stay float32 (default: '
+                          f'RunConfig\'s, {RunConfig.value_bits})'))
+  parser.add_argument('--seed', type=int, help=(
+      'data split, client sampling and initial model of every method; DP '
+      f'noise comes from OS entropy (default: RunConfig\'s, {RunConfig.seed})'))
+  parser.add_argument('--out', default=DEFAULT_OUT, help=(
+      f'output directory (default: {DEFAULT_OUT})'))
+  parser.add_argument('--no-progress', action='store_true',
+                      help='no progress bars')
   return parser
 
 
-def main(argv=None, prog=None) -> int:
+def main(argv: Optional[Sequence[str]] = None,
+         prog: Optional[str] = None) -> int:
+  """Plans every method, runs them and writes the table.
+
+  A flag the plan refuses ends here with one line and exit code 2, before
+  any training (argparse's own errors exit 2 too). `prog` names the command
+  in errors, --help and table.md (`tf-dpsparse bench` from the CLI).
+  """
   args = build_parser(prog).parse_args(argv)
-  setup = dict(SETUPS['digits' if args.quick else args.dataset])
-  if args.rounds:
-    setup['rounds'] = args.rounds
-  if args.l2_norm_clip is not None:
-    setup['l2_norm_clip'] = args.l2_norm_clip
-  base = simulation.RunConfig(target_epsilon=args.target_epsilon,
-                              seed=args.seed, value_bits=args.value_bits,
-                              **setup)
-  results = run_methods(base, args.methods, progress=not args.no_progress)
-  paths = simulation.save(results, args.out)
-  write_csv(results, os.path.join(args.out, 'rounds.csv'))
-  command = ' '.join([prog or 'python -m tf_dpsparse.baselines.paper_table',
-                      *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-  text = report(results, command)
-  with open(os.path.join(args.out, 'table.md'), 'w') as f:
-    f.write(text + '\n')
-  print('\n' + text)
-  print(f'\nwrote {args.out}/table.md, rounds.csv, {paths["rounds.json"]}, '
-        f'{paths["accuracy.png"]}')
+  try:
+    methods, skipped = plan(args)
+  except ValueError as e:
+    print(f'{prog or PROG}: error: {e}', file=sys.stderr)
+    return 2
+  for line in skipped:
+    print(f'skipping {line}')
+  results = run_methods(methods, progress=not args.no_progress)
+  argv = sys.argv[1:] if argv is None else argv
+  write_outputs(results, args.out,
+                ' '.join([prog or PROG, *map(shlex.quote, argv)]))
   return 0
 
 
