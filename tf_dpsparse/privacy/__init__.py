@@ -7,9 +7,7 @@ epsilon` and `calibrate` need only dp_accounting.
 
 import importlib
 
-from tf_dpsparse.privacy.accounting import PRIVACY_MODES
 from tf_dpsparse.privacy.accounting import calibrate_noise_multiplier
-from tf_dpsparse.privacy.accounting import check_privacy_mode
 from tf_dpsparse.privacy.accounting import compute_epsilon
 from tf_dpsparse.privacy.accounting import compute_epsilon_shuffled
 from tf_dpsparse.privacy.accounting import epsilon_of
@@ -27,8 +25,8 @@ _MECHANISMS = ('ClientLevelDP', 'ExampleLevelDP', 'GaussianSumQuery',
                'calibrated')
 
 __all__ = [
-    'BudgetExhaustedError', 'PRIVACY_MODES', 'PrivacyLedger',
-    'calibrate_noise_multiplier', 'check_privacy_mode',
+    'BudgetExhaustedError', 'PrivacyLedger',
+    'calibrate_noise_multiplier',
     'compute_epsilon', 'compute_epsilon_shuffled', 'epsilon_of',
     'largest_within', 'make_accountant', 'max_steps',
     'RoundPrivacy', 'round_privacy', 'sampled_gaussian_event',

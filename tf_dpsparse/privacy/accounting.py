@@ -17,9 +17,6 @@ from dp_accounting import pld
 from dp_accounting import rdp
 
 ACCOUNTANTS = ('rdp', 'pld')
-# Units of privacy every front offers: none, per record (DP-SGD on the
-# device), per device (DP-FedAvg with a trusted aggregator).
-PRIVACY_MODES = (None, 'example', 'client')
 # The noise multipliers calibration searches between. Below 0.1 a Gaussian
 # step spends ε ≳ 40 at δ = 1e-5 even at sampling rate 1e-6: no privacy
 # worth the name. Above 1000 the noise is 1000× the clipped contribution,
@@ -29,20 +26,6 @@ MIN_NOISE_MULTIPLIER = 0.1
 MAX_NOISE_MULTIPLIER = 1000.0
 # Steps `max_steps` looks at, at most (~1M): past it PLD scores take seconds.
 MAX_STEPS = 2**20
-
-
-def check_privacy_mode(mode, *, l2_norm_clip=None, noise_multiplier=None,
-                       clients_per_round=None) -> None:
-  """Raises ValueError unless `mode` is known and, for 'client', fully set."""
-  if mode not in PRIVACY_MODES:
-    raise ValueError(f'privacy mode must be one of {PRIVACY_MODES}, got {mode!r}.')
-  if mode == 'client':
-    for name, value in (('l2_norm_clip', l2_norm_clip),
-                        ('noise_multiplier', noise_multiplier),
-                        ('clients_per_round', clients_per_round)):
-      if value is None or value < 0 or (name != 'noise_multiplier' and
-                                        value == 0):
-        raise ValueError(f'client-level DP needs {name} > 0, got {value}.')
 
 
 def make_accountant(accountant: str = 'rdp') -> dp_accounting.PrivacyAccountant:
