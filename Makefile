@@ -47,11 +47,16 @@ test-all: venv
 demo: venv
 	$(VENV)/bin/tf-dpsparse run
 
+# Each benchmark, and the paper table's quick set-up (digits, a few minutes;
+# the full HAPT and MNIST tables take about an hour each: tf-dpsparse bench
+# --dataset hapt|mnist).
 bench: venv
 	$(PY) benchmarks/codec_bench.py
 	$(PY) benchmarks/lite_bench.py
 	$(PY) benchmarks/keras_bench.py
 	$(PY) benchmarks/fed_bench.py
+	$(VENV)/bin/tf-dpsparse bench --quick --no-progress \
+	  --out benchmarks/results/paper_table_quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
