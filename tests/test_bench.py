@@ -3,6 +3,9 @@
 import csv
 import json
 import os
+import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -159,3 +162,51 @@ def test_help_and_a_refused_flag_answer_without_tensorflow():
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, timeout=120, check=True)
   assert proc.stdout.strip() == '[]'
+
+
+def _run(argv, cwd, env, timeout=900) -> subprocess.CompletedProcess:
+  """Runs `argv`, killing it and any TFF worker it started on a timeout."""
+  proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    from tf_dpsparse.federated import _workers  # pylint: disable=import-outside-toplevel
+    orphans = _workers.worker_pids(proc.pid)
+    proc.kill()
+    for pid in orphans:
+      os.kill(pid, signal.SIGKILL)
+    pytest.fail(f'{argv} did not finish in {timeout} s')
+  return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_bench_runs_from_a_non_editable_install(tmp_path):
+  """Issue 15's done-when: after a plain `pip install .`, `tf-dpsparse bench`
+  runs. The copy is installed with --target and put first on the path; the
+  run starts from an empty directory, so neither the checkout nor the
+  editable install's finder (which comes after the path) can serve it."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  src, site, cwd = tmp_path / 'src', tmp_path / 'site', tmp_path / 'cwd'
+  shutil.copytree(repo / 'tf_dpsparse', src / 'tf_dpsparse',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('setup.py', 'README.md'):
+    shutil.copy(repo / name, src / name)
+  cwd.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(site))
+  installed = _run([sys.executable, '-m', 'pip', 'install', '--quiet',
+                    '--no-deps', '--no-build-isolation', '--target', str(site),
+                    str(src)], cwd, env)
+  assert installed.returncode == 0, installed.stderr
+  where = _run([sys.executable, '-c', 'from tf_dpsparse.baselines import '
+                'paper_table; print(paper_table.__file__)'], cwd, env)
+  assert where.stdout.strip().startswith(str(site)), where
+  bench = [str(site / 'bin' / 'tf-dpsparse'), 'bench']
+  helped = _run([*bench, '--help'], cwd, env)
+  assert helped.returncode == 0 and '--quick' in helped.stdout, helped.stderr
+  ran = _run([*bench, '--quick', '--rounds', '1', '--methods', 'fedavg',
+              'ours-2%', '--out', str(tmp_path / 'out'), '--no-progress'],
+             cwd, env)
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  table = (tmp_path / 'out' / 'table.md').read_text()
+  assert '| fedavg |' in table and '| ours-2% |' in table
