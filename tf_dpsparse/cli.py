@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -72,20 +71,10 @@ def _train(config: run_config.RunConfig, job: run_config.JobOptions) -> int:
 
 
 def _bench(args, rest) -> int:
-  """Runs benchmarks/paper_table.py from the repository checkout.
-
-  The baselines (DSSGD above all) are research reproductions, not package
-  API, so they stay in benchmarks/; an editable install (`make venv`) finds
-  them next to the package.
-  """
-  bench_dir = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
-  if not (bench_dir / 'paper_table.py').is_file():
-    print(f'tf-dpsparse bench: error: needs the repository checkout with '
-          f'benchmarks/ (looked in {bench_dir}); install with `pip install -e '
-          '.` from a clone.', file=sys.stderr)
-    return 2
-  sys.path.insert(0, str(bench_dir))
-  import paper_table  # pylint: disable=import-outside-toplevel
+  """Runs the paper table, `tf_dpsparse.baselines.paper_table`: a research
+  module shipped in the package, so a plain `pip install .` runs it."""
+  del args
+  from tf_dpsparse.baselines import paper_table  # pylint: disable=import-outside-toplevel
   return paper_table.main(rest, prog='tf-dpsparse bench')
 
 
@@ -298,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_data(sub)
   _add_audit(sub)
-  sub.add_parser(  # flags parsed by benchmarks/paper_table.py; see main()
+  sub.add_parser(  # flags parsed by tf_dpsparse.baselines.paper_table; see main()
       'bench', add_help=False,
       help='the paper table: ours vs FedAvg, DP-FedAvg, 8-bit, DSSGD, '
       'upload-only (tf-dpsparse bench --help)')
