@@ -78,7 +78,12 @@ class RoundResult(NamedTuple):
 
 
 class _PlainMean(tfp.NoPrivacyAverageQuery):
-  """TF Privacy's average of the records, 0 for a round with none."""
+  """TF Privacy's average of the records, 0 for a round with none.
+
+  No clip, no noise: the server's query when uploads are DP already
+  (example level: post-processing) or nothing is private. The count of
+  uploads it divides by is then no secret either.
+  """
 
   def get_noised_result(self, sample_state, global_state):
     total, count = sample_state
