@@ -220,7 +220,7 @@ def _training_loss(model, data):
   """Mean loss of the trained model on the device's data: a diagnostic.
 
   Computed from raw data and not covered by ε: simulations report it; a
-  deployed device sends only its upload (`tds.server`).
+  deployed device sends only its upload (`tds.deploy`).
   """
   def add(total, batch):
     output = model.forward_pass(batch, training=False)
