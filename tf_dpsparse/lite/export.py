@@ -17,7 +17,7 @@ signatures, each a `tf.function` that calls `tds.core`:
 * `config() -> batch_size, l2_norm_clip, noise_multiplier`: the privacy
   settings baked in, so the runtime wrapper accounts with the exported ones.
 * `infer(x) -> logits` (any batch size).
-* `get_update() -> indices, values`: `core.topk_with_error_feedback` of
+* `get_update() -> indices, values`: the `core.sparse_upload` stage on
   the update `core.model_update(public, weights)` = public - weights
   (initial - trained, TFF's sign: every front's) plus the residual, which
   therefore has the same sign. With `update_l2_norm_clip`, the sent
@@ -172,10 +172,11 @@ class _ClientModule(tf.Module):
 
   def _get_update(self):
     update = core.model_update(self._public, self._params)  # initial - trained
-    sparse, residual, _ = core.clipped_topk_with_error_feedback(
-        update, self._k, self._residual, self._update_clip,
-        value_bits=self._value_bits)
-    self._residual.assign(residual)
+    upload = core.sparse_upload(self._k, l2_norm_clip=self._update_clip,
+                                value_bits=self._value_bits)
+    sparse, state, _ = upload.update(update,
+                                     core.UploadState(self._residual))
+    self._residual.assign(state.residual)
     self._assign_weights(self._public)
     return {'indices': sparse.indices, 'values': sparse.values}
 
