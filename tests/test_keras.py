@@ -197,6 +197,79 @@ def test_savedmodel_refuses_to_save_the_optimizer(tmp_path):
   np.testing.assert_array_equal(_weights(model), _weights(restored))
 
 
+class _Interrupted(Exception):
+  """Raised by a callback to cut a `fit` short, as a crash would."""
+
+
+def _interrupt_at(epoch, batch=None):
+  """A callback raising when `epoch` begins, or after its `batch`."""
+
+  def at_epoch(e, logs):
+    if e == epoch:
+      raise _Interrupted()
+
+  def at_batch(b, logs):
+    if b == batch and at_batch.epoch == epoch:
+      raise _Interrupted()
+
+  if batch is None:
+    return tf.keras.callbacks.LambdaCallback(on_epoch_begin=at_epoch)
+  at_batch.epoch = None
+  return tf.keras.callbacks.LambdaCallback(
+      on_epoch_begin=lambda e, logs: setattr(at_batch, 'epoch', e),
+      on_train_batch_end=at_batch)
+
+
+@pytest.mark.parametrize('inner,batch,same_model', [
+    ('sgd_momentum', None, True),  # at an epoch's start, fit the model again
+    ('legacy_adam', 1, False),  # mid-epoch; a new process: a new model
+])
+def test_backup_and_restore_resumes_exactly(tmp_path, inner, batch,
+                                            same_model):
+  """Interrupted at epoch 2 and resumed = never interrupted; ε continues.
+
+  Noise is seeded (a function of seed and step) and batches unshuffled, so
+  the two runs must agree. Steps of a cut epoch are rolled back with it.
+  """
+  x, y = _data(n=32)
+  fit = dict(x=x, y=y, batch_size=8, epochs=4, shuffle=False, verbose=0)
+
+  def compiled():
+    model = _model()
+    model.compile(optimizer=_dp(OPTIMIZERS[inner](), density=0.1,
+                                noise_multiplier=1.0, seed=3), loss=_loss())
+    return model
+
+  def privacy():
+    return tds.keras.PrivacyCallback(1e-5, dataset_size=32, batch_size=8)
+
+  whole, whole_privacy = compiled(), privacy()
+  whole_history = whole.fit(**fit, callbacks=[whole_privacy]).history
+  backup = tf.keras.callbacks.BackupAndRestore(str(tmp_path / 'backup'))
+  model = compiled()
+  with pytest.raises(_Interrupted):
+    model.fit(**fit, callbacks=[backup, privacy(), _interrupt_at(2, batch)])
+  assert int(model.optimizer.iterations) == 8 + (batch or -1) + 1
+
+  model = model if same_model else compiled()
+  resumed_privacy, seen = privacy(), []
+  counts = tf.keras.callbacks.LambdaCallback(
+      on_train_begin=lambda _: seen.append(
+          (int(model.optimizer.iterations), int(model.optimizer.examples))))
+  history = model.fit(**fit, callbacks=[resumed_privacy, backup, counts])
+  assert seen == [(8, 64)]  # the backup at the end of epoch 1
+  assert int(model.optimizer.iterations) == 16
+  np.testing.assert_allclose(_weights(model), _weights(whole), atol=1e-6)
+  np.testing.assert_allclose(model.optimizer.residual.numpy(),
+                             whole.optimizer.residual.numpy(), atol=1e-6)
+  assert np.abs(whole.optimizer.residual.numpy()).max() > 0
+  for a, b in zip(whole.optimizer.variables, model.optimizer.variables):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-6,
+                               err_msg=a.name)  # counters, inner slots
+  assert resumed_privacy.epsilon == whole_privacy.epsilon
+  assert history.history['epsilon'] == whole_history['epsilon'][2:]
+
+
 class _ZeroLoss(tf.keras.losses.Loss):
   """A per-example loss with zero gradient: the update is pure noise."""
 

@@ -56,15 +56,22 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
   when `model.fit` first calls `minimize` (`tds.keras.check_model`).
 
   Saving: `.keras` files, `.h5` files, `save_weights` checkpoints (TF format
-  and `.weights.h5`) keep the step count, example count, residual and the
-  inner optimizer's state. A SavedModel directory cannot restore optimizer
-  state (Keras re-creates the optimizer from its config), so saving one with
-  this optimizer raises; save with `include_optimizer=False` to export.
+  and `.weights.h5`) and `tf.train.Checkpoint`s of the model (what
+  `tf.keras.callbacks.BackupAndRestore` writes every epoch) keep the step
+  count, example count, residual and the inner optimizer's state: all are
+  variables tracked by this optimizer, restored when `build` creates them
+  after a restore too. So a run resumed by `BackupAndRestore` continues the
+  error feedback, and `PrivacyCallback` its ε, from the backup. A SavedModel
+  directory cannot restore optimizer state (Keras re-creates the optimizer
+  from its config), so saving one with this optimizer raises; save with
+  `include_optimizer=False` to export.
 
   WARNING: the loss must be per-example: compile with a `tf.keras.losses.Loss`
   whose `reduction` is NONE (a scalar loss raises). Noise comes from a
-  `tf.random.Generator` seeded from OS entropy unless `seed` is given (tests);
-  its state is kept out of checkpoints so a restored run never replays noise.
+  `tf.random.Generator` seeded from OS entropy, its state kept out of
+  checkpoints so a restored run never replays noise. With `seed` (tests,
+  reproductions) each step's noise is a function of the seed and the step
+  count instead, so a resumed run draws what an uninterrupted one would.
   Not for `tf.distribute` strategies with several replicas.
 
   Cost: under `model.fit` (Keras's `train_step`) a step costs about two
@@ -89,7 +96,10 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
       data-dependent. Required for `PrivacyCallback(sampling='poisson')`;
       not with `num_microbatches` (variable-size batches cannot be split
       into a fixed number of microbatches).
-    seed: fixes the noise (tests only); None draws from OS entropy.
+    seed: fixes the noise: step t draws from `fold_in_seed(seed, t)`. Tests
+      and reproductions only: whoever knows the seed can subtract the noise,
+      and a step redone after a restore redraws the noise of the attempt it
+      replaces. None draws from OS entropy.
     name: the optimizer's name.
   """
 
@@ -155,9 +165,22 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
 
   @tf.__internal__.tracking.no_automatic_dependency_tracking
   def _seed_generator(self, seed):
-    """An RNG outside checkpoints: restoring must not replay earlier noise."""
+    """The noise source; never in a checkpoint.
+
+    Without a seed: an RNG from OS entropy, outside checkpoints, so that
+    restoring a checkpoint never replays noise already drawn. With a seed:
+    no RNG state at all, the noise of step t derives from (seed, t), and t
+    is checkpointed, so a resumed run equals an uninterrupted one.
+    """
+    self._seed = None if seed is None else int(seed)
     self._generator = (tf.random.Generator.from_non_deterministic_state()
-                       if seed is None else tf.random.Generator.from_seed(seed))
+                       if seed is None else None)
+
+  def _noise_seed(self):
+    """This step's stateless noise seed (see `_seed_generator`)."""
+    if self._seed is None:
+      return self._generator.make_seeds(1)[:, 0]
+    return core.fold_in_seed(self._seed, self._iterations.read_value())
 
   @tf.__internal__.tracking.no_automatic_dependency_tracking
   def _set_trained(self, var_list):
@@ -358,7 +381,7 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
 
   def _private_gradients(self, rows, loss, var_list):
     """The noised mean of the rows (one per example or microbatch)."""
-    noise_seed = self._generator.make_seeds(1)[:, 0]
+    noise_seed = self._noise_seed()
     mean, _ = core.gaussian_average(rows, self.l2_norm_clip,
                                     self.noise_multiplier, noise_seed,
                                     denominator=self.expected_batch_size)
