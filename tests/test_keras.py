@@ -1,5 +1,7 @@
 """Keras front: DP-SGD equivalences, error feedback, noise, checkpoints, ε."""
 
+import re
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -399,10 +401,57 @@ def test_budget_stop_uses_the_reported_accounting(sampling):
   assert callback.epsilon <= budget
   assert history['epsilon'][-1] == pytest.approx(
       _direct_epsilon(sampling, noise, charged(stop)), rel=1e-9)
-  with pytest.raises(tds.privacy.BudgetExhaustedError):
+  with pytest.raises(tds.privacy.BudgetExhaustedError) as refusal:
     _fit_private(sampling, 64, 16, epochs=1, noise=noise, budget=budget,
                  model=model)  # not even one more step fits
   assert int(model.optimizer.iterations) == stop
+  spent = _direct_epsilon(sampling, noise, charged(stop))
+  assert _spent_and_remaining(refusal.value) == (
+      pytest.approx(spent, rel=1e-3), pytest.approx(budget - spent, rel=1e-3))
+
+
+def _spent_and_remaining(refusal):
+  """(spent, remaining) ε as a budget refusal states them (4 digits)."""
+  found = re.search(r'refuses to train: ε spent (\S+), remaining (\S+) of '
+                    r'the budget', str(refusal))
+  assert found, str(refusal)
+  return float(found.group(1)), float(found.group(2))
+
+
+@pytest.mark.parametrize('restore_first', [True, False])
+def test_budget_refusal_after_a_restore_states_spent_and_remaining(
+    tmp_path, restore_first):
+  """A run restored at its budget is refused before any step.
+
+  Whatever the callbacks' order: `BackupAndRestore` listed after the
+  `PrivacyCallback` restores the optimizer after the callback's
+  `on_train_begin` (before the fix, one step over budget was taken).
+  """
+  noise, x, y = 1.0, *_data(n=64, shape=(4,), classes=2)
+  budget = _direct_epsilon('shuffled', noise, 2) * 1.01  # 2 passes, 8 steps
+
+  def compiled():
+    model = _dense_model()
+    model.compile(optimizer=_dp(tf.keras.optimizers.SGD(0.1),
+                                noise_multiplier=noise, density=0.5),
+                  loss=_loss())
+    return model
+
+  fit = dict(x=x, y=y, batch_size=16, epochs=3, verbose=0)
+  backup = tf.keras.callbacks.BackupAndRestore(str(tmp_path / 'backup'))
+  with pytest.raises(_Interrupted):
+    compiled().fit(**fit, callbacks=[backup, _interrupt_at(2)])
+  model = compiled()
+  callbacks = [tds.keras.PrivacyCallback(1e-5, dataset_size=64, batch_size=16,
+                                         epsilon_budget=budget), backup]
+  spent = _direct_epsilon('shuffled', noise, 2)
+  with pytest.raises(tds.privacy.BudgetExhaustedError) as refusal:
+    model.fit(**fit, callbacks=callbacks[::-1] if restore_first else callbacks)
+  assert int(model.optimizer.iterations) == 8  # restored, and no more
+  assert _spent_and_remaining(refusal.value) == (
+      pytest.approx(spent, rel=1e-3), pytest.approx(budget - spent, rel=1e-3))
+  after = _direct_epsilon('shuffled', noise, 3)  # a step into a third pass
+  assert f'one more step would bring ε to {after:.4g}' in str(refusal.value)
 
 
 def _inclusions(dataset, n):

@@ -4,7 +4,10 @@
 `model.fit`; `poisson_batches` feeds `fit` the Poisson-sampled batches that
 the amplified ε assumes; `PrivacyCallback` reports ε per epoch (Poisson or
 shuffled-batch accounting, matching the data) and stops training at a
-budget; `check_model` refuses layers that learn outside the noised gradient.
+budget, refusing with the ε spent and remaining when not one more step fits;
+`check_model` refuses layers that learn outside the noised gradient. A run
+cut short and resumed by `tf.keras.callbacks.BackupAndRestore` continues the
+optimizer's residual, counters and slots, and so its ε, from the backup.
 All call `tf_dpsparse.core`, `tf_dpsparse.codec` and `tf_dpsparse.privacy`;
 nothing here re-implements clipping, noise, sampling or top-k.
 """

@@ -39,10 +39,22 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
   it ever took, across `fit` calls and checkpoint restores). ε goes into the
   epoch logs as 'epsilon', hence into `History`.
 
+  Resume: this callback keeps no count of its own. Its accounting state is
+  the optimizer's step and example counters, which every checkpoint of the
+  optimizer keeps, `tf.keras.callbacks.BackupAndRestore`'s included, so a
+  resumed `fit` continues ε from the backup, never from zero. The counters
+  are read again when the first epoch begins, after every callback's
+  `on_train_begin`, so a restore listed after this callback is seen before
+  any step. Privacy assumption: steps after the last backup are rolled back
+  with the model and not charged; that is right only if nothing computed in
+  them left the process (a mid-epoch `ModelCheckpoint`, logged weights or
+  gradients), else ε is under-reported.
+
   With `epsilon_budget`, training stops after the last step that keeps ε
   within it, by the same accounting (checked after every batch, assuming
   full batches of `batch_size` for 'shuffled'); if not even one more step
-  fits, `fit` raises `tds.privacy.BudgetExhaustedError` before any step.
+  fits, `fit` raises `tds.privacy.BudgetExhaustedError` before any step,
+  its message stating the ε spent and the ε remaining.
   Under 'shuffled' a batch larger than `batch_size` would make ε too small,
   so the optimizer's example count is checked against it each epoch.
 
@@ -147,19 +159,45 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     """Charged units after `stride` more steps of at most `batch_size`."""
     return self._charged(steps + stride, examples + stride * self.batch_size)
 
-  def on_train_begin(self, logs=None):
-    self._check_setup()
+  def _budget_words(self, steps: int, examples: int, stride: int) -> str:
+    """Spent and remaining ε, and where `stride` more steps would take it."""
+    spent = self.epsilon_at(steps, examples)
+    after = self._epsilon(self._next_charged(steps, examples, stride))
+    more = 'one more step' if stride == 1 else f'{stride} more steps'
+    remaining = max(0.0, self.epsilon_budget - spent)
+    return (f'ε spent {spent:.4g}, remaining {remaining:.4g} '
+            f'of the budget ε={self.epsilon_budget:g} at δ={self.delta:g}; '
+            f'{more} would bring ε to {after:.4g} ({steps} steps taken, '
+            f'{self.sampling} sampling)')
+
+  def _begin(self) -> None:
+    """Counts at the start of this `fit`; refuses if not one more step fits."""
     self._start = self._counts()
     self._last_steps = self._start[0]
-    tf.get_logger().info('PrivacyCallback: ε assumes %s.', self.assumption)
-    if self.epsilon_budget is None:
-      return
-    self._max_charged = self._most_charged_within_budget()
-    if self._next_charged(*self._start, stride=1) > self._max_charged:
+    if (self.epsilon_budget is not None and
+        self._next_charged(*self._start, stride=1) > self._max_charged):
       raise privacy.BudgetExhaustedError(
-          f'one more step would spend more than ε={self.epsilon_budget:g} at '
-          f'δ={self.delta:g} ({self._start[0]} steps taken, {self.sampling} '
-          'sampling).')
+          'PrivacyCallback refuses to train: '
+          f'{self._budget_words(*self._start, stride=1)}.')
+
+  def on_train_begin(self, logs=None):
+    self._check_setup()
+    tf.get_logger().info('PrivacyCallback: ε assumes %s.', self.assumption)
+    self._max_charged = (None if self.epsilon_budget is None else
+                         self._most_charged_within_budget())
+    self._begin()
+    self._counts_reread = False
+
+  def on_epoch_begin(self, epoch, logs=None):
+    """Re-reads the counts before the first step of this `fit`.
+
+    A callback listed after this one (`BackupAndRestore`) restores the
+    optimizer in its own `on_train_begin`, after ours: the budget and the
+    batch-size check must start from the restored counts.
+    """
+    if not self._counts_reread:
+      self._counts_reread = True
+      self._begin()
 
   def on_train_batch_end(self, batch, logs=None):
     if self.epsilon_budget is None:
@@ -168,9 +206,9 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     stride = max(1, steps - self._last_steps)  # steps per execution
     self._last_steps = steps
     if self._next_charged(steps, examples, stride) > self._max_charged:
-      tf.get_logger().warning(
-          'PrivacyCallback: stopping after step %d: the next would spend '
-          'more than ε=%g at δ=%g.', steps, self.epsilon_budget, self.delta)
+      tf.get_logger().warning('PrivacyCallback: stopping after step %d: %s.',
+                              steps,
+                              self._budget_words(steps, examples, stride))
       self.model.stop_training = True
 
   def on_epoch_end(self, epoch, logs=None):
