@@ -288,5 +288,7 @@ def test_cli_data_prints_summary(capsys):
   assert 'clients                30' in out
   assert 'examples per client    min 202 / median 250 / max 308' in out
   assert 'classes                6 (WALKING' in out
-  assert cli.main(['data', 'nope']) == 2
-  assert "unknown data set 'nope'" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as refused:  # argparse: usage error, exit 2
+    cli.main(['data', 'nope'])
+  assert refused.value.code == 2
+  assert "invalid choice: 'nope'" in capsys.readouterr().err
