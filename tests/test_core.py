@@ -405,3 +405,25 @@ def test_per_example_gradients_equal_the_jacobian_rows():
   assert rows.shape == (6, 24 + 12 + 2)
   np.testing.assert_allclose(rows, expected, rtol=0, atol=1e-5)
   assert np.all(rows[:, -2:] == 0)  # unconnected: zeros
+
+
+def test_robust_norm_and_bound_never_overflow_or_pass_non_finite():
+  huge = tf.constant([3e37, 4e37])
+  assert float(tds.core.robust_l2_norm(huge)) == pytest.approx(5e37)
+  assert np.isinf(float(tf.norm(huge)))  # what the naive norm gives
+  for bad in ([np.nan, 1.0], [np.inf, 1.0], [-np.inf, np.nan]):
+    assert np.isinf(float(tds.core.robust_l2_norm(tf.constant(bad))))
+    for policy in tds.core.BOUND_POLICIES:
+      bounded, metrics = tds.core.bound_update(tf.constant(bad), 1.0, policy)
+      np.testing.assert_array_equal(bounded, [0.0, 0.0])
+      assert bool(metrics.non_finite) and not bool(metrics.over_bound)
+  zeroed, metrics = tds.core.bound_update(huge, 1.0, 'zero')
+  np.testing.assert_array_equal(zeroed, [0.0, 0.0])
+  assert bool(metrics.over_bound)
+  clipped, _ = tds.core.bound_update(huge, 1.0, 'clip')
+  np.testing.assert_allclose(clipped, [0.6, 0.8], rtol=1e-6)
+  kept, metrics = tds.core.bound_update(tf.constant([0.3, 0.4]), 1.0)
+  np.testing.assert_array_equal(kept, [0.3, 0.4])
+  assert not bool(metrics.over_bound) and not bool(metrics.non_finite)
+  with pytest.raises(ValueError, match='policy'):
+    tds.core.bound_update(huge, 1.0, 'drop')

@@ -501,17 +501,49 @@ def test_client_level_nests_tff_dp_factory_and_ledger_records_its_event(
   measurements = outputs[0].metrics['measurements']
   assert set(measurements) == {'distributor', 'client_work', 'bytes_down',
                                'aggregator', 'finalizer'}
-  assert 'dp_query_metrics' in measurements['aggregator']['inner']
+  assert 'dp_query_metrics' in measurements['aggregator']['inner']['inner']
 
 
-def test_finalizer_refuses_a_non_finite_update(clients):
-  """TFF's finalizer leaves the model as it was when the mean is not finite."""
+def test_a_non_finite_update_is_zeroed_and_counted_by_the_server(clients):
+  """One device's NaN update contributes nothing; the round completes with
+  the others' and the model stays finite (the bound is a nested stage)."""
   process = _build(density=1.0)
   state = process.initialize()
-  before = _flat(process.get_model_weights(state))
   poisoned = clients[0].map(lambda x, y: (x * np.float32(np.inf), y))
-  store = federated.ClientStateStore(1, process.size)
-  out = process.next(state, [poisoned], store.get([0]))
-  assert int(out.metrics['update_non_finite']) == 1
+  store = federated.ClientStateStore(2, process.size)
+  out = process.next(state, [poisoned, clients[1]], store.get([0, 1]))
+  assert int(out.metrics['non_finite']) == 1
+  assert int(out.metrics['over_bound']) == 0
+  assert int(out.metrics['update_non_finite']) == 0  # never reached it
+  honest = process.next(state, [clients[1]], store.get([1])).state
+  new = _flat(process.get_model_weights(out.state))
+  assert np.all(np.isfinite(new))
+  # The mean of (0, honest) is half the honest update.
+  before = _flat(process.get_model_weights(state))
+  np.testing.assert_allclose(
+      new - before, (_flat(process.get_model_weights(honest)) - before) / 2,
+      atol=1e-6)
+
+
+def test_example_level_server_zeroes_an_update_above_its_bound(clients):
+  process = _build('example', density=1.0, l2_norm_clip=1.0,
+                   noise_multiplier=0.0, batch_size=10, local_steps=1,
+                   min_client_examples=120, max_update_norm=1e-6)
+  store = federated.ClientStateStore(2, process.size)
+  state = process.initialize()
+  out = process.next(state, clients[:2], store.get([0, 1]))
+  assert int(out.metrics['over_bound']) == 2
   np.testing.assert_array_equal(_flat(process.get_model_weights(out.state)),
-                                before)
+                                _flat(process.get_model_weights(state)))
+
+
+def test_example_level_default_bound_never_touches_honest_updates(clients):
+  """The default bound (`ExampleLevelDP.update_norm_bound`, read off the
+  devices' SGD) is loose enough for real DP-SGD noise: nothing zeroed."""
+  process = _build('example', density=0.1, l2_norm_clip=1.0,
+                   noise_multiplier=1.5, batch_size=10, local_steps=3,
+                   min_client_examples=120)
+  _, outputs, _ = _run(process, clients, 2)
+  assert [int(o.metrics['over_bound']) for o in outputs] == [0, 0]
+  bound = process.privacy.update_norm_bound(process.size, 0.1)
+  assert 0 < bound < 10  # finite: a hostile update above it is zeroed

@@ -16,7 +16,10 @@ from tf_dpsparse.core.stages import model_update
 from tf_dpsparse.core.stages import sparse_broadcast
 from tf_dpsparse.core.stages import sparse_upload
 from tf_dpsparse.core.stages import topk_catch_up
+from tf_dpsparse.core.transforms import BOUND_POLICIES
+from tf_dpsparse.core.transforms import BoundMetrics
 from tf_dpsparse.core.transforms import add_gaussian_noise
+from tf_dpsparse.core.transforms import bound_update
 from tf_dpsparse.core.transforms import clip_by_l2_norm
 from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
 from tf_dpsparse.core.transforms import clipped_sum
@@ -30,11 +33,13 @@ from tf_dpsparse.core.transforms import noised_average
 from tf_dpsparse.core.transforms import padded_chunks
 from tf_dpsparse.core.transforms import poisson_gaussian_average
 from tf_dpsparse.core.transforms import poisson_sample
+from tf_dpsparse.core.transforms import robust_l2_norm
 from tf_dpsparse.core.transforms import sparse_sync
 from tf_dpsparse.core.transforms import topk_with_error_feedback
 from tf_dpsparse.core.transforms import unflatten
 
 __all__ = [
+    'BOUND_POLICIES', 'BoundMetrics', 'bound_update', 'robust_l2_norm',
     'BroadcastState', 'SparseUpdate', 'Stage', 'UploadState', 'ViewState',
     'apply_update', 'model_update', 'sparse_broadcast', 'sparse_upload',
     'stages', 'topk_catch_up', 'add_gaussian_noise', 'clip_by_l2_norm',

@@ -76,6 +76,66 @@ def clip_by_l2_norm(tensor, clip) -> Tuple[Any, tf.Tensor]:
   return tf.nest.pack_sequence_as(tensor, clipped), norm
 
 
+def robust_l2_norm(flat: tf.Tensor) -> tf.Tensor:
+  """The L2 norm of a vector without overflow: max|x| * ||x / max|x|||.
+
+  `tf.norm` squares first, so finite values above ~1.8e19 give `inf` and a
+  clip then turns them into NaN. Scaling by the largest magnitude first
+  keeps every square <= 1. Any non-finite value (NaN included) gives `inf`,
+  so `norm <= bound` is False for it.
+  """
+  flat = tf.convert_to_tensor(flat, tf.float32)
+  finite = tf.reduce_all(tf.math.is_finite(flat))
+  peak = tf.reduce_max(tf.concat([tf.abs(tf.where(tf.math.is_finite(flat),
+                                                  flat, 0.0)), [0.0]], 0))
+  safe = tf.where(peak > 0, peak, 1.0)
+  norm = safe * tf.norm(tf.where(tf.math.is_finite(flat), flat, 0.0) / safe)
+  return tf.where(finite, norm, float('inf'))
+
+
+class BoundMetrics(NamedTuple):
+  """What `bound_update` did to one update (bool scalars) and its norm."""
+  non_finite: tf.Tensor  # a NaN or inf: zeroed
+  over_bound: tf.Tensor  # finite, norm above the bound: zeroed or clipped
+  norm: tf.Tensor  # robust_l2_norm before bounding (inf if non-finite)
+
+
+BOUND_POLICIES = ('zero', 'clip')
+
+
+def bound_update(flat: tf.Tensor, max_norm: Optional[float] = None,
+                 policy: str = 'zero') -> Tuple[tf.Tensor, BoundMetrics]:
+  """What a server lets one received update contribute, at most.
+
+  A non-finite update becomes zeros. A finite one whose L2 norm exceeds
+  `max_norm` becomes zeros (`policy='zero'`, TFF's `zeroing_factory`: an
+  honest update never gets there, a hostile one contributes nothing) or is
+  scaled to `max_norm` (`'clip'`, DP-FedAvg's sensitivity bound). The norm
+  is `robust_l2_norm`, and clipping scales by the peak first, so values near
+  the float32 limit are bounded, never turned into NaN. Returns `(bounded,
+  BoundMetrics)`.
+  """
+  if policy not in BOUND_POLICIES:
+    raise ValueError(f'policy must be one of {BOUND_POLICIES}, got {policy!r}.')
+  if max_norm is not None and not max_norm > 0:
+    raise ValueError(f'max_norm must be > 0, got {max_norm}.')
+  flat = tf.convert_to_tensor(flat, tf.float32)
+  norm = robust_l2_norm(flat)
+  non_finite = tf.logical_not(tf.math.is_finite(norm))
+  over = tf.constant(False) if max_norm is None else tf.logical_and(
+      tf.logical_not(non_finite), norm > max_norm)
+  zeros = tf.zeros_like(flat)
+  if policy == 'clip' and max_norm is not None:
+    peak = tf.reduce_max(tf.concat([tf.abs(tf.where(non_finite, zeros,
+                                                    flat)), [1.0]], 0))
+    clipped = (flat / peak) * (max_norm / (norm / peak))
+    bounded = tf.where(over, clipped, flat)
+  else:
+    bounded = tf.where(over, zeros, flat)
+  return tf.where(non_finite, zeros, bounded), BoundMetrics(non_finite, over,
+                                                            norm)
+
+
 def clip_rows_by_l2_norm(rows: tf.Tensor, clip) -> Tuple[tf.Tensor, tf.Tensor]:
   """Clips each row of a [n, d] matrix (one flat gradient per example) to L2 <= clip.
 

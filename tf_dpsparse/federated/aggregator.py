@@ -28,6 +28,7 @@ import collections
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dpsparse import core
@@ -48,6 +49,47 @@ def inner_factory(privacy) -> tff.aggregators.UnweightedAggregationFactory:
   return tff.aggregators.DifferentiallyPrivateFactory(query)
 
 
+class BoundedUpdateFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Bounds every client's dense update before an inner factory sees it.
+
+  `core.bound_update` per client: a non-finite update is zeroed; one whose
+  L2 norm exceeds `max_norm` is zeroed (`policy='zero'`, TFF's
+  `zeroing_factory`) or clipped (`'clip'`). The norm is overflow-free, so a
+  payload of finite values near the float32 limit cannot turn the model
+  into inf or NaN. Nested like TFF's robust factories; measurements: the
+  counts `non_finite`, `over_bound`, and the inner factory's under `inner`.
+  """
+
+  def __init__(self, inner: tff.aggregators.UnweightedAggregationFactory, *,
+               max_norm: Optional[float] = None, policy: str = 'zero'):
+    core.bound_update(np.zeros(1, np.float32), max_norm, policy)  # validates
+    self._inner, self._max_norm, self._policy = inner, max_norm, policy
+
+  def create(self, value_type) -> tff.templates.AggregationProcess:
+    value_type = tff.types.to_type(value_type)
+    inner = self._inner.create(value_type)
+    max_norm, policy = self._max_norm, self._policy
+
+    @tff.tensorflow.computation(value_type)
+    def bound(update):
+      bounded, metrics = core.bound_update(update, max_norm, policy)
+      return bounded, collections.OrderedDict(
+          non_finite=tf.cast(metrics.non_finite, tf.int32),
+          over_bound=tf.cast(metrics.over_bound, tf.int32))
+
+    @tff.federated_computation(inner.state_type,
+                               tff.FederatedType(value_type, tff.CLIENTS))
+    def next_fn(state, updates):
+      bounded, counts = tff.federated_map(bound, updates)
+      aggregated = inner.next(state, bounded)
+      measurements = tff.federated_zip(collections.OrderedDict(
+          counts=tff.federated_sum(counts), inner=aggregated.measurements))
+      return tff.templates.MeasuredProcessOutput(
+          aggregated.state, aggregated.result, measurements)
+
+    return tff.templates.AggregationProcess(inner.initialize, next_fn)
+
+
 class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
   """Averages sparse uploads through a nested dense factory.
 
@@ -62,16 +104,23 @@ class DPSparseAggregatorFactory(tff.aggregators.UnweightedAggregationFactory):
       `shared_indices`), so only their values travel and are counted.
     value_bits: 32, 16 or 8, the wire precision of values, for byte counts
       (devices round what they send to it: `tds.wire.to_wire_precision`).
+    max_update_norm: the server's bound on one update (`BoundedUpdateFactory`,
+      zeroing above it). Client level always clips at the mechanism's clip
+      instead. Non-finite updates are zeroed in every case.
 
-  Measurements: `bytes_up`, `num_clients`, and the inner factory's under
-  `inner`.
+  Measurements: `bytes_up`, `num_clients`, and the nested factories' under
+  `inner` (`counts` of bounded updates, then the dense aggregation's).
   """
 
   def __init__(self, size: int, *, privacy=None,
                inner: Optional[tff.aggregators.UnweightedAggregationFactory]
-               = None, num_shared: int = 0, value_bits: int = 32):
+               = None, num_shared: int = 0, value_bits: int = 32,
+               max_update_norm: Optional[float] = None):
     self._size = int(size)
-    self._inner = inner if inner is not None else inner_factory(privacy)
+    clip = None if privacy is None else privacy.upload_clip
+    self._inner = BoundedUpdateFactory(
+        inner if inner is not None else inner_factory(privacy),
+        max_norm=clip or max_update_norm, policy='clip' if clip else 'zero')
     self._num_shared = int(num_shared)
     self._value_bits = value_bits
 

@@ -175,6 +175,8 @@ def _flat_metrics(m) -> dict:
       'bytes_broadcast': m['distributor']['bytes_broadcast'],
       'server_residual_norm': m['distributor']['residual_norm'],
       'num_clients': m['aggregator']['num_clients'],
+      'non_finite': m['aggregator']['inner']['counts']['non_finite'],
+      'over_bound': m['aggregator']['inner']['counts']['over_bound'],
       'update_non_finite': m['finalizer']['update_non_finite'],
       'measurements': m,
   }
@@ -272,7 +274,8 @@ def build_dp_sparse_fed_avg_process(
     download_density: float, privacy, local_steps: Optional[int],
     per_example_loss_fn, value_bits: int, history: int,
     shared_fraction: float, catch_up: str, catch_up_density: float,
-    seed: Optional[int], audit: AuditHooks = AuditHooks()
+    seed: Optional[int], audit: AuditHooks = AuditHooks(),
+    max_update_norm: Optional[float] = None
 ) -> tff.templates.IterativeProcess:
   """The TFF process composed from its stages; see `build_dp_sparse_fed_avg`."""
   with tf.Graph().as_default():
@@ -314,13 +317,34 @@ def build_dp_sparse_fed_avg_process(
                                 shared_indices)
 
   aggregator = DPSparseAggregatorFactory(
-      size, privacy=privacy, num_shared=k_shared,
-      value_bits=value_bits).create(sparse_type(k_up))
+      size, privacy=privacy, num_shared=k_shared, value_bits=value_bits,
+      max_update_norm=_update_norm_bound(
+          privacy, client_optimizer, weights_type, size, max_update_norm)
+  ).create(sparse_type(k_up))
   finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
       server_optimizer, weights_type)
   return compose(Stages(initial_weights_fn, distributor, device_download,
                         client_work, aggregator, finalizer),
                  data_type, state_type)
+
+
+def _update_norm_bound(privacy, client_optimizer, weights_type, size: int,
+                       max_update_norm: Optional[float]) -> Optional[float]:
+  """The server's bound on an example-level update: `max_update_norm`, or
+  by default `ExampleLevelDP.update_norm_bound` when the devices train with
+  TFF's SGD (its learning rate and momentum read from its hparams). Other
+  optimizers get no default (pass `max_update_norm`); client level clips.
+  """
+  if max_update_norm is not None or not isinstance(
+      privacy, privacy_lib.ExampleLevelDP):
+    return max_update_norm
+  specs = [tf.TensorSpec(t.shape, t.dtype)
+           for t in tff.structure.flatten(weights_type.trainable)]
+  hparams = client_optimizer.get_hparams(client_optimizer.initialize(specs))
+  if not set(hparams) <= {'learning_rate', 'momentum'}:
+    return None
+  return privacy.update_norm_bound(size, float(hparams['learning_rate']),
+                                   float(hparams.get('momentum', 0.0)))
 
 
 def _mechanism(privacy, *, seed, **params):
@@ -404,6 +428,7 @@ def build_dp_sparse_fed_avg(
     catch_up_density: Optional[float] = None,
     accountant: str = 'rdp',
     seed: Optional[int] = None,
+    max_update_norm: Optional[float] = None,
     audit: Optional[AuditHooks] = None) -> DPSparseFedAvg:
   """Builds bidirectional top-k federated averaging, DP at example or client level.
 
@@ -451,6 +476,10 @@ def build_dp_sparse_fed_avg(
       sends values there, no indices, so their independent noise averages
       out; the rest is the device's own top-k. 0 is plain top-k.
     seed: fixes all noise (tests); OS entropy when None.
+    max_update_norm: the server zeroes a device's update above this L2 norm
+      (and any non-finite one); default for example level with TFF's SGD on
+      the devices: `ExampleLevelDP.update_norm_bound`, which no honest update
+      reaches. Client level clips at `l2_norm_clip` instead.
     audit: `AuditHooks` for `tf-dpsparse audit` only (canary clients, uploads
       returned in the client states); None in every real run.
 
@@ -490,7 +519,7 @@ def build_dp_sparse_fed_avg(
           from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
       value_bits=value_bits, history=history, shared_fraction=shared_fraction,
       catch_up=catch_up, catch_up_density=catch_up_density or download_density,
-      seed=seed, audit=audit)
+      seed=seed, audit=audit, max_update_norm=max_update_norm)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   ledger = None if mechanism is None else privacy_lib.PrivacyLedger(
       delta, target_epsilon, accountant)

@@ -178,6 +178,22 @@ class ExampleLevelDP:
           f'min_client_examples={self.min_client_examples} that the privacy '
           'accounting assumes; nothing was run.')
 
+  def update_norm_bound(self, size: int, learning_rate: float,
+                        momentum: float = 0.0) -> float:
+    """A bound no honest device's round update exceeds (w.p. 1 - e^-50).
+
+    A step's noised mean has norm at most C (1 + 10 / sqrt(B)) (a Poisson
+    batch above B + 10 sqrt(B) examples has probability < e^-50) plus the
+    noise's z C (sqrt(size) + 10) / B (Gaussian norm concentration); SGD
+    moves by the learning rate times that, momentum by 1 / (1 - momentum)
+    at most, `local_steps` times. The server zeroes any update above it: a
+    hostile device gains nothing, an honest one is never touched.
+    """
+    b, c = self.batch_size, self.l2_norm_clip
+    step = c * (1 + 10 / b**0.5) + (
+        self.noise_multiplier * c * (size**0.5 + 10) / b)
+    return self.local_steps * learning_rate * step / (1 - momentum)
+
   def private_gradient(self, rows_fn, *, num_examples, size: int, seed=None):
     """One DP-SGD step's noised mean gradient (flat), see
     `core.poisson_gaussian_average`; `rows_fn(indices)` gives the sampled
