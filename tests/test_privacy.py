@@ -80,9 +80,12 @@ def test_ledger_matches_direct_composition_and_refuses_past_budget():
   assert ledger.epsilon <= 2.0
   assert ledger.epsilon > spent
   refused = ledger.epsilon
-  with pytest.raises(tds.privacy.BudgetExhaustedError):
+  with pytest.raises(tds.privacy.BudgetExhaustedError) as error:
     ledger.record(first)
   assert ledger.epsilon == refused  # a refused event is not recorded
+  message = str(error.value)
+  assert f'spent {refused:.4g}' in message
+  assert f'remaining {2.0 - refused:.4g}' in message
   assert ledger.epsilon_if(first) > 2.0
 
 

@@ -145,9 +145,10 @@ class PrivacyLedger:
     epsilon = self._epsilon_of(entries)
     if self.epsilon_budget is not None and epsilon > self.epsilon_budget:
       raise BudgetExhaustedError(
-          f'recording this event would spend ε={epsilon:.4g} at δ={self.delta:g}, '
-          f'over the budget ε={self.epsilon_budget:g} (spent so far: '
-          f'{self._epsilon:.4g}).')
+          f'refused: recording this event would spend ε={epsilon:.4g} at '
+          f'δ={self.delta:g}, over the budget ε={self.epsilon_budget:g} '
+          f'(spent {self._epsilon:.4g}, remaining {self.remaining:.4g}); '
+          'nothing was recorded.')
     self._entries, self._epsilon = entries, epsilon
     return epsilon
 
