@@ -547,3 +547,26 @@ def test_example_level_default_bound_never_touches_honest_updates(clients):
   assert [int(o.metrics['over_bound']) for o in outputs] == [0, 0]
   bound = process.privacy.update_norm_bound(process.size, 0.1)
   assert 0 < bound < 10  # finite: a hostile update above it is zeroed
+
+
+def test_a_device_whose_data_raises_is_dropped_and_the_round_goes_on(clients):
+  corrupt = clients[0].map(
+      lambda x, y: (tf.debugging.check_numerics(x / 0.0, 'corrupt'), y))
+  process = _build('client', density=0.1, l2_norm_clip=0.5,
+                   noise_multiplier=1.0, clients_per_round=3,
+                   total_clients=40, min_clients=2)
+  store = federated.ClientStateStore(3, process.size)
+  state = process.initialize()
+  before = store.get([0, 1, 2])
+  out = process.next(state, [corrupt, clients[1], clients[2]], before)
+  assert out.metrics['dropped'] == 1 and out.metrics['skipped'] is None
+  assert int(out.metrics['num_clients']) == 2
+  np.testing.assert_array_equal(out.client_states[0]['residual'],
+                                before[0]['residual'])  # untouched
+  assert len(process.ledger.entries) == 1  # charged once
+
+  # Below min_clients: skipped, state unchanged, still charged once.
+  skipped = process.next(out.state, [corrupt, clients[1]], store.get([0, 1]))
+  assert 'only 1 of the min_clients=2' in skipped.metrics['skipped']
+  assert skipped.state is out.state
+  assert process.ledger.entries[0].count == 2

@@ -158,6 +158,18 @@ def _count_examples(dataset):
       split_batch(batch)[1], out_type=tf.int64)[0])
 
 
+def _readable(client_data) -> tuple:
+  """`({index: num_examples}, {index: reason})`: the devices whose data
+  reads to the end, and why each other one failed."""
+  sizes, dropped = {}, {}
+  for i, dataset in enumerate(client_data):
+    try:
+      sizes[i] = num_examples(dataset)
+    except (tf.errors.OpError, ValueError, TypeError) as e:
+      dropped[i] = f'{type(e).__name__}: {e}'.splitlines()[0]
+  return sizes, dropped
+
+
 class RoundOutput(NamedTuple):
   state: object
   client_states: list
@@ -193,7 +205,10 @@ class DPSparseFedAvg:
   """
 
   def __init__(self, process, *, size, upload_k, download_k, catch_up,
-               privacy, ledger):
+               privacy, ledger, min_clients: int = 1):
+    if not min_clients >= 1:
+      raise ValueError(f'min_clients must be >= 1, got {min_clients}.')
+    self.min_clients = min_clients
     self.iterative_process = process
     self.size = size
     self.catch_up = catch_up
@@ -232,22 +247,40 @@ class DPSparseFedAvg:
     return client_state
 
   def next(self, state, client_data, client_states) -> RoundOutput:
+    """One round. Before any work: a device whose data cannot be read (it
+    raises) is dropped and counted (`dropped`), example-level devices
+    below `min_client_examples` are refused, and the round's DpEvent is
+    recorded (refused past the budget). With fewer than `min_clients`
+    devices left the round is skipped: nothing is released, the state is
+    unchanged, and the one charge already made stays (conservative)."""
     if len(client_data) != len(client_states):
       raise ValueError(f'{len(client_data)} client datasets but '
                        f'{len(client_states)} client states.')
+    sizes, dropped = _readable(client_data)
     check = getattr(self.privacy, 'check_num_examples', None)
-    for i, dataset in enumerate(client_data if check else ()):
-      check(num_examples(dataset), who=f'client {i}')
+    for i, n in sizes.items() if check else ():
+      check(n, who=f'client {i}')
     if self.ledger is not None:
       self.ledger.record(self.round_event)  # raises before any work
-    state, client_states, measurements = self.iterative_process.next(
-        state, client_data, client_states)
-    self._executors.use(len(client_data))
+    epsilon = 0.0 if self.ledger is None else self.ledger.epsilon
+    if len(sizes) < self.min_clients:
+      return RoundOutput(state, list(client_states), {
+          'skipped': f'only {len(sizes)} of the min_clients={self.min_clients}'
+                     f' devices reported ({len(dropped)} dropped)',
+          'dropped': len(dropped), 'epsilon': epsilon})
+    keep = sorted(sizes)
+    state, kept_states, measurements = self.iterative_process.next(
+        state, [client_data[i] for i in keep],
+        [client_states[i] for i in keep])
+    self._executors.use(len(keep))
+    new_states = list(client_states)  # a dropped device keeps its state
+    for i, kept in zip(keep, kept_states):
+      new_states[i] = kept
     metrics = _flat_metrics(measurements)
-    metrics['epsilon'] = 0.0 if self.ledger is None else self.ledger.epsilon
+    metrics.update(epsilon=epsilon, dropped=len(dropped), skipped=None)
     metrics['dense_bytes_up'] = metrics['dense_bytes_down'] = (
         int(metrics['num_clients']) * self.size * 4)
-    return RoundOutput(state, list(client_states), metrics)
+    return RoundOutput(state, new_states, metrics)
 
   def skip_round(self) -> None:
     """Accounts for a round whose Poisson sample was empty.
@@ -429,6 +462,7 @@ def build_dp_sparse_fed_avg(
     accountant: str = 'rdp',
     seed: Optional[int] = None,
     max_update_norm: Optional[float] = None,
+    min_clients: int = 1,
     audit: Optional[AuditHooks] = None) -> DPSparseFedAvg:
   """Builds bidirectional top-k federated averaging, DP at example or client level.
 
@@ -480,6 +514,8 @@ def build_dp_sparse_fed_avg(
       (and any non-finite one); default for example level with TFF's SGD on
       the devices: `ExampleLevelDP.update_norm_bound`, which no honest update
       reaches. Client level clips at `l2_norm_clip` instead.
+    min_clients: a round with fewer devices whose data reads is skipped
+      (charged once, nothing released); see `DPSparseFedAvg.next`.
     audit: `AuditHooks` for `tf-dpsparse audit` only (canary clients, uploads
       returned in the client states); None in every real run.
 
@@ -526,4 +562,5 @@ def build_dp_sparse_fed_avg(
   return DPSparseFedAvg(
       process, size=size, upload_k=core.k_for_density(size, upload_density),
       download_k=core.k_for_density(size, download_density),
-      catch_up=catch_up, privacy=mechanism, ledger=ledger)
+      catch_up=catch_up, privacy=mechanism, ledger=ledger,
+      min_clients=min_clients)
