@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -67,12 +68,24 @@ def test_tff_worker_does_not_outlive_python_and_core_runs_in_tff():
     assert not os.path.exists(f'/proc/{pid}')
 
 
+def _fake_worker(tmp_path):
+  """An executable named worker_binary that ignores SIGINT and sleeps 300 s.
+
+  One process (not a shell with a `sleep` child, which would be orphaned when
+  the shell is killed), so killing it leaves nothing behind.
+  """
+  fake = tmp_path / 'worker_binary'
+  fake.write_text(f'#!{sys.executable} -I\nimport signal, time\n'
+                  'signal.signal(signal.SIGINT, signal.SIG_IGN)\n'
+                  'time.sleep(300)\n')
+  fake.chmod(0o755)
+  return fake
+
+
 def test_stop_workers_stops_a_child_named_worker_binary(tmp_path):
   # In a child interpreter: stop_workers stops every worker child, which here
   # would include the real TFF worker other tests are using.
-  fake = tmp_path / 'worker_binary'
-  fake.write_text('#!/bin/sh\ntrap "" INT\nsleep 300\n')
-  fake.chmod(0o755)
+  fake = _fake_worker(tmp_path)
   out = _python(f"""
       import os, subprocess
       from tf_dpsparse.federated import _workers
@@ -88,6 +101,104 @@ def test_stop_workers_stops_a_child_named_worker_binary(tmp_path):
           proc.kill()
   """)
   assert out.strip().splitlines()[-3:] == ['True', 'True', 'False False']
+
+
+def _alive(pid):
+  """True while `pid` runs; a zombie (dead, not yet reaped) counts as gone."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+def _gone_by(pids, deadline):
+  """True once every pid is gone, False if one is still alive at `deadline`."""
+  while any(_alive(pid) for pid in pids):
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.01)
+  return True
+
+
+def _sigkill_and_check_workers_die(proc, workers):
+  """SIGKILLs `proc` by PID; its `workers` must be gone within 5 s.
+
+  Whatever survives is killed by the PIDs recorded here (the workers, then
+  `proc`'s own session), so a failure leaves nothing behind.
+  """
+  try:
+    assert workers and all(_alive(pid) for pid in workers)
+    start = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert _gone_by(workers, start + 5.0), (
+        f'worker {workers} outlived its SIGKILLed parent by 5 s')
+    return time.monotonic() - start
+  finally:
+    for pid in workers:
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session)
+      proc.wait()
+
+
+def test_tff_launches_its_worker_through_worker_popen():
+  """Importing the TFF front points TFF's worker launcher at WorkerPopen."""
+  from tensorflow_federated.python.core.impl.executor_stacks import executor_factory  # pylint: disable=g-import-not-at-top
+  assert executor_factory.subprocess.Popen is _workers.WorkerPopen
+  assert subprocess.Popen is not _workers.WorkerPopen  # nowhere else
+
+
+def test_worker_dies_with_sigkilled_parent_after_its_forking_thread_exits(
+    tmp_path):
+  """A `worker_binary` started from a short-lived thread outlives that thread
+  (the kernel's parent-death signal follows the forking thread) and dies when
+  its process is SIGKILLed."""
+  fake = _fake_worker(tmp_path)
+  code = textwrap.dedent(f"""
+      import subprocess, threading, time
+      from tf_dpsparse.federated import _workers
+      started = []
+      thread = threading.Thread(target=lambda: started.append(
+          _workers.WorkerPopen([{str(fake)!r}], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)))
+      thread.start()
+      thread.join()
+      time.sleep(0.5)
+      print(started[0].pid, started[0].poll() is None, flush=True)
+      time.sleep(300)
+  """)
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  with proc.stdout:
+    line = proc.stdout.readline().split()  # the child prints, then sleeps
+  workers = [int(line[0])] if line else []
+  # Checks (and cleans up) first: the worker must be alive, then die.
+  _sigkill_and_check_workers_die(proc, workers)
+  assert line[1:] == ['True']  # alive after the thread that forked it ended
+
+
+def test_sigkilled_run_takes_its_tff_worker_with_it(tmp_path):
+  """Issue 16, item 5: `tf-dpsparse run` killed by SIGKILL (OOM killer, CI
+  timeout) leaves no TFF worker behind holding its port and pipes."""
+  script = os.path.join(os.path.dirname(sys.executable), 'tf-dpsparse')
+  command = [script] if os.path.exists(script) else [
+      sys.executable, '-c',
+      'import sys; from tf_dpsparse import cli; sys.exit(cli.main())']
+  proc = subprocess.Popen(
+      command + ['run', '--dataset', 'digits', '--rounds', '50',
+                 '--no-baseline', '--no-progress', '--out', str(tmp_path)],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      start_new_session=True)
+  workers, deadline = [], time.monotonic() + 50
+  while not workers and proc.poll() is None and time.monotonic() < deadline:
+    workers = _workers.worker_pids(proc.pid)
+    time.sleep(0.05)
+  time.sleep(1.0)  # let it run with its worker
+  elapsed = _sigkill_and_check_workers_die(proc, workers)
+  print(f'worker {workers} gone {elapsed:.3f} s after SIGKILL of run')
 
 
 def test_cli_help():

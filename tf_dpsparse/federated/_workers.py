@@ -1,11 +1,25 @@
-"""Keeps TFF's C++ `worker_binary` bounded: stopped at exit, one executor stack.
+"""Keeps TFF's C++ `worker_binary` bounded: dies with its parent, one stack.
 
 TFF 0.87's local execution context launches `worker_binary` as a child and
 relies on a `__del__` to stop it, which does not run reliably at interpreter
 exit: the orphan keeps the parent's stdout/stderr open, so `cmd | tee log` or
-CI hangs until its time limit. Importing `tf_dpsparse.federated` calls `install()`, which registers
-`stop_workers` with `atexit` and on SIGTERM, so no worker outlives the Python
-process that started it.
+CI hangs until its time limit. Importing `tf_dpsparse.federated` calls
+`install()`, which registers `stop_workers` with `atexit` and on SIGTERM, so a
+clean exit stops the worker gracefully (SIGINT, then SIGKILL).
+
+No Python code runs when the parent is SIGKILLed (OOM killer, CI timeout,
+`kill -9`), so `install()` also asks the kernel to kill the worker then: it
+gives TFF's worker launcher a `Popen` that sets `PR_SET_PDEATHSIG` to SIGKILL
+in the child (Linux `prctl`; inherited across exec), only for `worker_binary`.
+This is the least invasive fix that survives SIGKILL: TFF keeps choosing the
+port, starting, restarting and stopping its worker; the only change is one
+flag on one child. Starting the worker ourselves would mean rebuilding TFF's
+private executor factory and context. The kernel sends that signal when the
+*thread* that forked the child exits, and TFF forks from its event-loop
+thread (an async context forks from whatever thread runs the loop), so the
+fork is done on a daemon thread of ours that lives until the process exits.
+A worker TFF started before `install()` is not covered (atexit/SIGTERM still
+are); nor are non-Linux systems.
 
 The worker also builds an executor stack, with its own copy of the loaded
 computations, for every number of clients it is called with, and frees none:
@@ -17,10 +31,17 @@ previous round's stack when the count changes.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import ctypes
 import os
+import queue
 import signal
+import subprocess
+import sys
+import threading
 import time
-from typing import List, Optional
+import types
+from typing import Callable, List, Optional
 
 _WORKER_NAME = 'worker_binary'
 
@@ -113,8 +134,124 @@ def _on_sigterm(signum, frame):
   raise SystemExit(128 + signum)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl():
+  """libc's `prctl`, resolved before any fork, or None off Linux."""
+  if not sys.platform.startswith('linux'):
+    return None
+  try:
+    return ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+
+
+def _die_with(parent: int, prctl) -> Callable[[], None]:
+  """A `preexec_fn` (runs in the forked child) that dies with `parent`.
+
+  Checks `getppid` after `prctl`: a parent that died between fork and prctl
+  would never signal, and the child must not outlive it.
+  """
+
+  def preexec():
+    prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
+          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if os.getppid() != parent:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  return preexec
+
+
+class _Spawner:
+  """One daemon thread, alive until the process exits, that does the forks.
+
+  PR_SET_PDEATHSIG fires when the forking thread exits, not the process, so
+  forking on TFF's event-loop thread would kill the worker with that loop.
+  """
+
+  def __init__(self):
+    self._requests = queue.SimpleQueue()
+    self._lock = threading.Lock()
+    self._thread = None
+
+  def call(self, fn: Callable[[], object]) -> object:
+    if threading.current_thread() is self._thread:
+      return fn()
+    with self._lock:
+      if self._thread is None:
+        self._thread = threading.Thread(
+            target=self._serve, name='tf_dpsparse-worker-spawner', daemon=True)
+        self._thread.start()
+    done = concurrent.futures.Future()
+    self._requests.put((fn, done))
+    return done.result()
+
+  def _serve(self):
+    while True:
+      fn, done = self._requests.get()
+      try:
+        done.set_result(fn())
+      except BaseException as e:  # pylint: disable=broad-except
+        done.set_exception(e)
+
+
+_SPAWNER = _Spawner()
+
+
+class WorkerPopen(subprocess.Popen):
+  """`subprocess.Popen` whose `worker_binary` child dies with this process.
+
+  Any other command is started unchanged. The child is forked on `_SPAWNER`'s
+  thread so that its parent-death signal outlives TFF's threads.
+  """
+
+  def __init__(self, args, *rest, **kwargs):
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else args
+    prctl = _prctl()
+    is_worker = bool(argv) and os.path.basename(
+        os.fsdecode(argv[0])) == _WORKER_NAME
+    if not is_worker or prctl is None or kwargs.get('preexec_fn'):
+      super().__init__(args, *rest, **kwargs)
+      return
+    kwargs['preexec_fn'] = _die_with(os.getpid(), prctl)
+    _SPAWNER.call(lambda: super(WorkerPopen, self).__init__(
+        args, *rest, **kwargs))
+
+
+def _subprocess_with_worker_popen() -> types.ModuleType:
+  """A stand-in for the `subprocess` module whose `Popen` is `WorkerPopen`."""
+  module = types.ModuleType('subprocess', 'subprocess, with WorkerPopen')
+  module.__dict__.update(vars(subprocess))
+  module.Popen = WorkerPopen
+  return module
+
+
+def _make_workers_die_with_parent() -> bool:
+  """Points TFF's worker launcher at `WorkerPopen`; True when it is in place.
+
+  Only the `subprocess` name inside TFF's executor_factory module changes (it
+  uses it for the worker alone); the process's `subprocess` is untouched.
+  """
+  try:
+    from tensorflow_federated.python.core.impl.executor_stacks import executor_factory  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  current = getattr(executor_factory, 'subprocess', None)
+  if current is None or getattr(current, 'Popen', None) is WorkerPopen:
+    return current is not None
+  if current is not subprocess:  # someone else's patch: leave it alone
+    return False
+  executor_factory.subprocess = _subprocess_with_worker_popen()
+  return True
+
+
 def install() -> None:
-  """Registers `stop_workers` at exit and on SIGTERM (main thread only)."""
+  """Workers die with this process: at exit, on SIGTERM, and on SIGKILL.
+
+  Call after importing TFF and before its first computation runs.
+  """
+  _make_workers_die_with_parent()
   atexit.register(stop_workers)
   try:
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
