@@ -75,6 +75,11 @@ def test_rejects_malformed_oversized_and_duplicate_uploads():
     assert reason in result.rejected[cid], (cid, result.rejected[cid])
   assert 'duplicate upload' in result.rejected['a']
   assert server.rejected_total == len(malformed) + 1
+  assert result.rejected_by_reason == {
+      'malformed': len(malformed) - 2, 'wrong size': 1, 'oversized': 1,
+      'duplicate': 1}
+  assert server.rejected_by_reason == result.rejected_by_reason
+  assert result.skipped is None and result.zeroed == {}
   # An update is initial - trained: the server steps against the mean.
   np.testing.assert_allclose(server.global_weights,
                              initial - np.mean(list(valid.values()), axis=0),
@@ -198,6 +203,10 @@ def test_example_level_ledger_is_the_worst_case_device():
      'not both'),
     (dict(value_bits=12), 'value_bits'),
     (dict(download_density=0.0), 'density'),
+    (dict(privacy=tds.privacy.ClientLevelDP(1.0, 1.0, 2, 4),
+          max_update_norm=5.0), 'clips every update'),
+    (dict(max_update_norm=0.0), 'max_norm'),
+    (dict(min_clients=-1), 'min_clients'),
 ])
 def test_constructor_errors(kwargs, match):
   args = {'upload_density': 0.5, 'download_density': 0.5, **kwargs}
@@ -260,3 +269,148 @@ print('ok')
   done = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr
+
+
+HUGE = 3e37  # finite float32; 50 of them overflowed tf.norm and the model
+
+
+def _huge_payload(size, indices, value=HUGE):
+  return tds.wire.encode(_sparse(indices, np.full(len(indices), value), size))
+
+
+def test_huge_finite_uploads_are_bounded_and_the_model_stays_finite():
+  """Issue 16's attack: finite values near the float32 limit, every unit."""
+  size = 200
+  privacies = {
+      'none': dict(max_update_norm=10.0),
+      'example': dict(privacy=tds.privacy.ExampleLevelDP(1.0, 1.0, 8, 2, 100),
+                      max_update_norm=10.0),
+      'client': dict(privacy=tds.privacy.ClientLevelDP(1.0, 0.0, 4, 4)),
+  }
+  honest = _sparse([3, 7], [0.3, -0.4], size)
+  for unit, kwargs in privacies.items():
+    server = tds.deploy.DeploymentServer(
+        np.zeros(size, np.float32), upload_density=0.25, download_density=0.1,
+        **kwargs)
+    assert server.submit('huge', _huge_payload(size, np.arange(50)))
+    assert server.submit('overflow', _huge_payload(  # norm > float32 max
+        size, np.arange(50), 3.3e38))
+    assert server.submit('honest', tds.wire.encode(honest))
+    result = server.finish_round()
+    assert result.skipped is None and not result.rejected, unit
+    assert 'overflows float32: zeroed' in result.zeroed['overflow']
+    assert server.zeroed_total == len(result.zeroed)
+    if unit == 'client':  # clipped to the clip, then the query's mean
+      assert result.num_clipped == 1 and set(result.zeroed) == {'overflow'}
+      expected = -tds.core.densify(honest).numpy() / 4
+      expected[:50] -= 1 / np.sqrt(50) / 4  # 50 equal values, norm 1
+      np.testing.assert_allclose(server.global_weights, expected, atol=1e-6)
+    else:  # zeroed above max_update_norm, counted in the mean, as TFF's
+      assert 'above max_update_norm=10' in result.zeroed['huge']
+      np.testing.assert_allclose(server.global_weights,
+                                 -tds.core.densify(honest).numpy() / 3,
+                                 atol=1e-7)
+    assert np.isfinite(server.public_weights).all()
+
+
+def test_without_a_bound_overflow_is_refused_or_the_round_skipped():
+  """No max_update_norm: only non-finite norms are zeroed, so huge updates
+  reach the sum; one that would overflow it is refused, and a mean that
+  would push the model out of range is not applied."""
+  size = 100
+  initial = np.ones(size, np.float32)
+  server = tds.deploy.DeploymentServer(initial, upload_density=0.5,
+                                       download_density=0.5, min_clients=1)
+  for cid in range(20):  # 20 * 3e37 > float32 max at index 0
+    server.submit(cid, _huge_payload(size, [0, 1], 3e37 if cid % 2 else -1e38))
+  result = server.finish_round()
+  assert result.rejected_by_reason.get('sum overflow', 0) > 0
+  assert all(np.isfinite(w).all() and np.abs(w).max() <=
+             tds.deploy.MAX_WEIGHT_MAGNITUDE
+             for w in (server.global_weights, server.public_weights))
+  skipped = 0
+  for _ in range(12):  # the same push, round after round
+    for cid in range(3):
+      server.submit(cid, _huge_payload(size, [5], -3e37))
+    result = server.finish_round()
+    skipped += result.skipped is not None
+    assert np.isfinite(server.global_weights).all()
+    assert np.isfinite(server.public_weights).all()
+  assert skipped and 'out of the finite range' in result.skipped
+  assert server.skipped_by_reason['model out of range'] == skipped
+  assert tds.wire.decode(result.download, size).indices.size == 0
+
+
+def test_round_tags_refuse_uploads_for_another_round():
+  size = 20
+  server = tds.deploy.DeploymentServer(np.zeros(size, np.float32),
+                                       upload_density=0.1,
+                                       download_density=0.1)
+  payload = tds.wire.encode(_sparse([1], [1.], size))
+  assert server.current_round == 1
+  assert not server.submit('a', payload, round_num=0)
+  assert not server.submit('a', payload, round_num=2)
+  assert server.submit('a', payload, round_num=1)  # a stale tag burns no slot
+  assert server.submit('b', payload)  # untagged: not checked
+  result = server.finish_round()
+  assert result.accepted == ('a', 'b')
+  assert 'stale round' in result.rejected['a']
+  assert result.rejected_by_reason == {'stale round': 2}
+  assert not server.submit('c', payload, round_num=1)  # replayed next round
+  assert server.submit('c', payload, round_num=2)
+  server.finish_round()
+  assert server.rejected_by_reason == {'stale round': 3}
+  assert server.rejected_total == 3
+
+
+def test_a_round_below_min_clients_is_skipped_and_charged_once():
+  size, clip, z, cpr, total = 30, 1.0, 1.0, 3, 30
+  privacy = tds.privacy.ClientLevelDP(clip, z, cpr, total, seed=4)
+  initial = np.random.default_rng(0).normal(size=size).astype(np.float32)
+  server = tds.deploy.DeploymentServer(
+      initial, upload_density=0.1, download_density=0.1, privacy=privacy,
+      min_clients=2, delta=DELTA)
+  payload = tds.wire.encode(_sparse([1, 2], [0.1, 0.2], size))
+  server.open_round()
+  server.submit('a', payload, round_num=1)  # 'b' drops out
+  result = server.finish_round()
+  assert result.skipped == 'only 1 of min 2 devices reported'
+  assert result.accepted == ('a',) and result.round_num == 0
+  np.testing.assert_array_equal(server.global_weights, initial)
+  np.testing.assert_array_equal(server.public_weights, initial)
+  np.testing.assert_array_equal(
+      tds.wire.apply_broadcast(initial, result.download), initial)
+  one_round = tds.privacy.compute_epsilon(z, cpr / total, 1, DELTA)
+  assert result.epsilon == pytest.approx(one_round, rel=1e-9)  # stays charged
+  assert server.skipped_by_reason == {'too few devices': 1}
+  # The retry is a new round: charged once, its number the skipped one's.
+  assert server.current_round == 1
+  for cid in ('a', 'b'):
+    assert server.submit(cid, payload, round_num=1)
+  result = server.finish_round()
+  assert result.skipped is None and result.round_num == 1
+  assert sum(entry.count for entry in server.ledger.entries) == 2
+  assert result.epsilon == pytest.approx(
+      tds.privacy.compute_epsilon(z, cpr / total, 2, DELTA), rel=1e-9)
+  # Noise: the skipped round drew none, so this round's is the seed's first.
+  fresh = tds.deploy.DeploymentServer(
+      initial, upload_density=0.1, download_density=0.1, privacy=privacy)
+  for cid in ('a', 'b'):
+    fresh.submit(cid, payload)
+  fresh.finish_round()
+  np.testing.assert_array_equal(server.global_weights, fresh.global_weights)
+
+
+def test_budget_refusal_states_spent_and_remaining():
+  privacy = tds.privacy.ClientLevelDP(1.0, 1.0, 5, 50, seed=0)
+  one_round = tds.privacy.compute_epsilon(1.0, 0.1, 1, DELTA)
+  server = tds.deploy.DeploymentServer(
+      np.zeros(10, np.float32), upload_density=0.2, download_density=0.2,
+      privacy=privacy, delta=DELTA, epsilon_budget=one_round * 1.001)
+  server.finish_round()
+  with pytest.raises(tds.privacy.BudgetExhaustedError) as refused:
+    server.open_round()
+  message = str(refused.value)
+  assert 'round 2 refused' in message
+  assert 'spent' in message and 'remaining' in message, message
+  assert f'{one_round:.4g}' in message

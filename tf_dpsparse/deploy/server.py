@@ -33,10 +33,27 @@ its first upload, or at `finish_round` if none came.
 upload, so nothing is released past the budget. Call `open_round()` before
 inviting devices: under example-level DP a device spends its privacy when
 it trains, before it uploads, so the refusal should reach it first.
+
+Failure model: devices are not trusted. An upload is refused, counted by
+reason and never touches the model when it is tagged for another round,
+repeats a client this round, does not decode (`tds.wire.decode`: truncated,
+garbled, non-finite, a model of another size) or carries more coordinates
+than the upload k. Every accepted update is bounded by `core.bound_update`,
+the call the TFF front's `BoundedUpdateFactory` makes: non-finite (its norm
+overflows float32) -> zeroed; client level -> clipped to the mechanism's
+clip (the DP query then clips again); otherwise zeroed above
+`max_update_norm`. A zeroed update still counts in the plain mean's
+denominator, as in TFF's `zeroing_factory`. An upload that would overflow
+the round's float32 sum is refused. A round with fewer accepted uploads than
+`min_clients` is skipped, and so is one whose result would leave the global
+or public model non-finite or above half the float32 range: the model stays
+as it was, the round's charge stays on the ledger (conservative) and the
+next round is charged once, as any other.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Dict, Hashable, List, NamedTuple, Optional, Tuple
 
@@ -47,23 +64,45 @@ import tensorflow_privacy as tfp
 
 from tf_dpsparse import core
 from tf_dpsparse import wire
+from tf_dpsparse.privacy.ledger import BudgetExhaustedError
 from tf_dpsparse.privacy.ledger import PrivacyLedger
+
+# The largest magnitude a global or public weight may take. A download is
+# top-k of (global - public), and the public model moves toward the global
+# one without overshooting it, so within half the float32 range every
+# difference and every sum a device or the server computes stays finite.
+MAX_WEIGHT_MAGNITUDE = float(np.finfo(np.float32).max) / 2
+
+# Short reasons an upload is refused, the keys of `rejected_by_reason`.
+REFUSALS = ('stale round', 'duplicate', 'malformed', 'wrong size',
+            'oversized', 'sum overflow')
+# Short reasons a round is skipped (model untouched), `skipped_by_reason`.
+SKIPS = ('too few devices', 'model out of range')
 
 
 class RoundResult(NamedTuple):
   """What `DeploymentServer.finish_round` returns.
 
   download: the encoded sparse download, the same bytes for every device
-    that applied every earlier download (`tds.wire.apply_broadcast`).
+    that applied every earlier download (`tds.wire.apply_broadcast`); an
+    empty update when the round was skipped.
   round_num: the round just finished (1 for the first); a device that
-    applies `download` is synced at this round.
-  accepted: client ids whose upload was aggregated, in arrival order.
-  rejected: client id -> reason, for the uploads refused this round.
+    applies `download` is synced at this round. A skipped round leaves it
+    where it was: the next round has the number this one had.
+  accepted: client ids whose upload was aggregated, in arrival order
+    (zeroed ones included: they count as a zero update).
+  rejected: client id -> reason, for the uploads refused this round (the
+    first refusal of each client).
   bytes_up: bytes received this round, rejected payloads included.
   bytes_down: `len(download)` (per device).
-  num_clipped: accepted updates the server's query clipped (client level).
+  num_clipped: accepted updates clipped to the upload clip (client level).
   residual_norm: L2 norm of global - public after this download.
   epsilon: ε spent so far at the ledger's δ (inf without privacy).
+  rejected_by_reason: refusals this round, counted by `REFUSALS` key.
+  zeroed: client id -> why its accepted update was replaced by zeros
+    (non-finite norm, or above `max_update_norm`).
+  skipped: why the round changed nothing (too few devices, or a result
+    out of the finite range), or None when it was applied.
   """
 
   download: bytes
@@ -75,6 +114,9 @@ class RoundResult(NamedTuple):
   num_clipped: int
   residual_norm: float
   epsilon: float
+  rejected_by_reason: Dict[str, int]
+  zeroed: Dict[Hashable, str]
+  skipped: Optional[str]
 
 
 class _PlainMean(tfp.NoPrivacyAverageQuery):
@@ -111,6 +153,33 @@ def _ledger_of(privacy, ledger, delta, epsilon_budget, accountant):
   return PrivacyLedger(delta, epsilon_budget, accountant)
 
 
+def _server_bound(privacy, max_update_norm) -> Tuple[Optional[float], str]:
+  """`core.bound_update`'s (max_norm, policy), as the TFF front picks them.
+
+  Client level clips at the mechanism's upload clip (its sensitivity);
+  a second, different bound would be ignored, so it is refused.
+  """
+  clip = getattr(privacy, 'upload_clip', None)
+  if clip and max_update_norm is not None:
+    raise ValueError('max_update_norm is for uploads that are DP already '
+                     '(example level) or not private: client level clips '
+                     f'every update at l2_norm_clip={clip} instead.')
+  max_norm, policy = (clip, 'clip') if clip else (max_update_norm, 'zero')
+  core.bound_update(np.zeros(1, np.float32), max_norm, policy)  # validates
+  return max_norm, policy
+
+
+def in_range(weights) -> bool:
+  """Whether every weight is finite and within `MAX_WEIGHT_MAGNITUDE`."""
+  weights = tf.convert_to_tensor(weights, tf.float32)
+  return bool(tf.reduce_all(tf.abs(weights) <= MAX_WEIGHT_MAGNITUDE))
+
+
+def _all_finite(structure) -> bool:
+  return all(bool(tf.reduce_all(tf.math.is_finite(tf.cast(leaf, tf.float32))))
+             for leaf in tf.nest.flatten(structure))
+
+
 class _Round:
   """One open round: the query's running sum and who sent what."""
 
@@ -120,7 +189,10 @@ class _Round:
     self.params = params
     self.accepted: List[Hashable] = []
     self.rejected: Dict[Hashable, str] = {}
+    self.rejected_by_reason: Dict[str, int] = collections.Counter()
+    self.zeroed: Dict[Hashable, str] = {}
     self.seen = set()
+    self.received = 0
     self.bytes_up = 0
     self.num_clipped = 0
     self.charged = False
@@ -130,8 +202,8 @@ class DeploymentServer:
   """Aggregates device payloads round after round; keeps global and public models.
 
   Per round: `open_round()` (the ledger's charge) before inviting devices,
-  `submit(client_id, payload)` for each upload as it arrives, then
-  `finish_round()`, whose `RoundResult.download` every up-to-date
+  `submit(client_id, payload, round_num)` for each upload as it arrives,
+  then `finish_round()`, whose `RoundResult.download` every up-to-date
   device applies. A device that missed rounds asks `catch_up`.
 
   Args:
@@ -149,6 +221,21 @@ class DeploymentServer:
     delta, epsilon_budget, accountant: the `PrivacyLedger` built for
       `privacy` (no budget: it only counts).
     ledger: a ledger to charge instead (e.g. one restored from JSON).
+    max_update_norm: example level or no privacy: an accepted update whose
+      L2 norm exceeds it is zeroed (TFF's `zeroing_factory`). None: only
+      non-finite updates are. For devices running DP-SGD with SGD (a
+      `LiteClient`), `privacy.update_norm_bound(size, learning_rate,
+      momentum)` with their learning rate and momentum bounds one round's
+      update (w.p. 1 - e^-50; the TFF front's default). An upload also
+      carries the device's residual (error feedback), which can take it
+      past that (seen: 1.5-1.9x at noise multipliers <= 0.1); without
+      wire rounding, top-k keeps a `upload_density` share of the energy,
+      so `bound / (1 - sqrt(1 - upload_density))` always holds.
+      Client level clips at `privacy.l2_norm_clip` instead: refused there.
+    min_clients: a round with fewer accepted uploads is skipped (model
+      untouched). Privacy: the skip depends on how many devices reported,
+      which the accounting treats as public, as deployed DP-FedAvg does;
+      under example level the server is untrusted and sees it anyway.
   """
 
   def __init__(self, initial_weights, *, upload_density: float,
@@ -157,28 +244,43 @@ class DeploymentServer:
                server_learning_rate: float = 1.0, delta: float = 1e-5,
                epsilon_budget: Optional[float] = None,
                accountant: str = 'rdp',
-               ledger: Optional[PrivacyLedger] = None):
+               ledger: Optional[PrivacyLedger] = None,
+               max_update_norm: Optional[float] = None,
+               min_clients: int = 0):
     weights = np.asarray(initial_weights, np.float32)
     if weights.ndim != 1 or not weights.size:
       raise ValueError('initial_weights must be a non-empty flat vector, got '
                        f'shape {weights.shape}.')
+    if not in_range(weights):
+      raise ValueError('initial_weights must be finite, within '
+                       f'±{MAX_WEIGHT_MAGNITUDE:.3g}.')
     if value_bits not in wire.VALUE_BITS:
       raise ValueError(f'value_bits must be one of {wire.VALUE_BITS}, got '
                        f'{value_bits}.')
+    if int(min_clients) != min_clients or min_clients < 0:
+      raise ValueError(f'min_clients must be an integer >= 0, got '
+                       f'{min_clients}.')
     self.size = weights.size
     self.upload_k = core.k_for_density(self.size, upload_density)
     self.k = core.k_for_density(self.size, download_density)
+    self._bound_norm, self._bound_policy = _server_bound(privacy,
+                                                         max_update_norm)
+    self._config = dict(
+        upload_density=upload_density, download_density=download_density,
+        value_bits=value_bits, history=history,
+        server_learning_rate=float(server_learning_rate),
+        max_update_norm=max_update_norm, min_clients=int(min_clients))
     self._broadcast = core.sparse_broadcast(self.k, value_bits, history)
     self._state = self._broadcast.init(weights)
     self._global = tf.constant(weights)
-    self._value_bits = value_bits
-    self._learning_rate = float(server_learning_rate)
     self._privacy = privacy
     self._ledger = _ledger_of(privacy, ledger, delta, epsilon_budget,
                               accountant)
     self._query = _aggregation_query(privacy)
     self._query_state = self._query.initial_global_state()
-    self.rejected_total = 0
+    self.rejected_by_reason: Dict[str, int] = collections.Counter()
+    self.skipped_by_reason: Dict[str, int] = collections.Counter()
+    self.zeroed_total = 0
     self._new_round()
 
   @property
@@ -201,9 +303,29 @@ class DeploymentServer:
     return self._ledger
 
   @property
+  def privacy(self):
+    """The privacy mechanism (None: nothing is private)."""
+    return self._privacy
+
+  @property
+  def config(self) -> dict:
+    """The constructor's settings besides the model and the privacy."""
+    return dict(self._config)
+
+  @property
   def round_num(self) -> int:
     """Rounds finished (downloads sent) so far."""
     return int(self._state.round_num)
+
+  @property
+  def current_round(self) -> int:
+    """The open round's number: what `submit`'s `round_num` tag must be."""
+    return self.round_num + 1
+
+  @property
+  def rejected_total(self) -> int:
+    """Uploads refused since the server started (all rounds, all reasons)."""
+    return sum(self.rejected_by_reason.values())
 
   def _new_round(self):
     self._round = _Round(self._query,
@@ -214,81 +336,147 @@ class DeploymentServer:
     """Charges this round's DpEvent to the ledger (once); returns ε so far.
 
     Raises `tds.privacy.BudgetExhaustedError`, recording nothing, if the
-    round would exceed the budget: invite no device then.
+    round would exceed the budget: invite no device then. Its message
+    states the ε spent and remaining.
     """
     if self._round.charged:
       return self._epsilon()
     if self._ledger is not None:
-      self._ledger.record(self._privacy.round_event())  # may refuse
+      try:
+        self._ledger.record(self._privacy.round_event())
+      except BudgetExhaustedError as e:
+        raise BudgetExhaustedError(
+            f'round {self.current_round} refused before any upload is '
+            f'read, invite no device: {e}') from e
     self._round.charged = True
     return self._epsilon()
 
   def _epsilon(self) -> float:
     return math.inf if self._ledger is None else self._ledger.epsilon
 
-  def submit(self, client_id: Hashable, payload: bytes) -> bool:
-    """Validates and adds one upload; False (and counted) if rejected.
+  def submit(self, client_id: Hashable, payload: bytes,
+             round_num: Optional[int] = None) -> bool:
+    """Validates, bounds and adds one upload; False (and counted) if refused.
 
-    Rejected, never touching the model: a second upload from the same
-    client id this round, a payload `tds.wire.decode` refuses, or one with
-    more coordinates than `upload_k`. Raises
-    `tds.privacy.BudgetExhaustedError` if the round cannot be paid for.
+    Refused, never touching the model (`REFUSALS`): a `round_num` tag other
+    than `current_round` (an upload trained for another round; without a
+    tag none is checked), a second upload from the same client id this
+    round, a payload `tds.wire.decode` refuses (a model of another size
+    apart), one with more coordinates than `upload_k`, and one that would
+    overflow the round's sum. An accepted update is bounded (see the
+    module docstring). Raises only `tds.privacy.BudgetExhaustedError`, if
+    the round cannot be paid for.
     """
     self.open_round()
+    self._round.received += 1
     if isinstance(payload, (bytes, bytearray, memoryview)):
       self._round.bytes_up += len(payload)
+    if round_num is not None and round_num != self.current_round:
+      return self._reject(client_id, 'stale round',
+                          f'stale round: the upload is for round {round_num}, '
+                          f'the open round is {self.current_round}')
     if client_id in self._round.seen:
-      return self._reject(client_id, 'duplicate upload from this client in '
-                          'this round')
+      return self._reject(client_id, 'duplicate', 'duplicate upload from '
+                          'this client in this round')
     self._round.seen.add(client_id)
     try:
       update = wire.decode(payload, self.size)
     except wire.DecodeError as e:
-      return self._reject(client_id, f'malformed payload: {e}')
+      reason = ('wrong size' if str(e).startswith('size mismatch')
+                else 'malformed')
+      return self._reject(client_id, reason, f'malformed payload: {e}')
     if len(update.indices) > self.upload_k:
-      return self._reject(client_id, f'oversized upload: k={len(update.indices)}'
-                          f' exceeds the upload k={self.upload_k}')
-    self._accumulate(core.densify(update))
+      return self._reject(client_id, 'oversized', 'oversized upload: '
+                          f'k={len(update.indices)} exceeds the upload '
+                          f'k={self.upload_k}')
+    return self._accumulate(client_id, core.densify(update))
+
+  def _accumulate(self, client_id, dense: tf.Tensor) -> bool:
+    """Bounds one update (`core.bound_update`) and adds it through the query
+    (which clips it again at client level); refuses a sum overflow."""
+    bounded, metrics = core.bound_update(dense, self._bound_norm,
+                                         self._bound_policy)
+    record = self._query.preprocess_record(self._round.params, bounded)
+    sample_state = self._query.accumulate_preprocessed_record(
+        self._round.sample_state, record)
+    if not _all_finite(sample_state):
+      return self._reject(client_id, 'sum overflow', 'sum overflow: adding '
+                          'this update would overflow the round\'s float32 '
+                          'sum')
+    self._round.sample_state = sample_state
     self._round.accepted.append(client_id)
+    norm = float(metrics.norm)
+    if bool(metrics.non_finite):
+      self._round.zeroed[client_id] = 'norm overflows float32: zeroed'
+    elif bool(metrics.over_bound) and self._bound_policy == 'zero':
+      self._round.zeroed[client_id] = (
+          f'norm {norm:.4g} above max_update_norm={self._bound_norm:g}: '
+          'zeroed')
+    elif bool(metrics.over_bound):
+      self._round.num_clipped += 1
     return True
 
-  def _accumulate(self, dense: tf.Tensor) -> None:
-    """Adds one update through the query (which clips it at client level)."""
-    clip = getattr(self._privacy, 'upload_clip', None)
-    if clip is not None and float(tf.norm(dense)) > clip:
-      self._round.num_clipped += 1
-    record = self._query.preprocess_record(self._round.params, dense)
-    self._round.sample_state = self._query.accumulate_preprocessed_record(
-        self._round.sample_state, record)
-
-  def _reject(self, client_id, reason: str) -> bool:
-    self._round.rejected.setdefault(client_id, reason)
-    self.rejected_total += 1
+  def _reject(self, client_id, reason: str, message: str) -> bool:
+    self._round.rejected.setdefault(client_id, message)
+    self._round.rejected_by_reason[reason] += 1
+    self.rejected_by_reason[reason] += 1
     return False
 
   def finish_round(self) -> RoundResult:
     """Releases the round: mean update, server step, encoded download.
 
-    Raises `tds.privacy.BudgetExhaustedError` (nothing released, the round
-    stays open) if the round was not paid for and the budget cannot pay.
+    A round with fewer accepted uploads than `min_clients`, or whose result
+    would leave the model out of range (`MAX_WEIGHT_MAGNITUDE`), is skipped:
+    global and public models untouched, an empty download, the reason in
+    `RoundResult.skipped`; its charge stays on the ledger. Raises
+    `tds.privacy.BudgetExhaustedError` (nothing released, the round stays
+    open) if the round was not paid for and the budget cannot pay.
     """
     self.open_round()
-    mean, self._query_state, _ = self._query.get_noised_result(
-        self._round.sample_state, self._query_state)
-    self._global = core.apply_update(self._global, mean, self._learning_rate)
-    sent, self._state, metrics = self._broadcast.update(self._global,
-                                                        self._state)
-    download = wire.encode(sent, value_bits=self._value_bits)  # lossless
     done = self._round
-    result = RoundResult(
+    download, skipped = None, None
+    if len(done.accepted) < self._config['min_clients']:
+      skipped = ('too few devices', f'only {len(done.accepted)} of min '
+                 f'{self._config["min_clients"]} devices reported')
+    else:
+      download, skipped = self._release(done)
+    if skipped is not None:
+      self.skipped_by_reason[skipped[0]] += 1
+      download = wire.encode(core.SparseUpdate(
+          np.zeros(0, np.int32), np.zeros(0, np.float32), self.size),
+                             value_bits=self._config['value_bits'])
+    self.zeroed_total += len(done.zeroed)
+    self._new_round()
+    return RoundResult(
         download=download, round_num=self.round_num,
         accepted=tuple(done.accepted), rejected=dict(done.rejected),
         bytes_up=done.bytes_up, bytes_down=len(download),
         num_clipped=done.num_clipped,
-        residual_norm=float(metrics.residual_norm),
-        epsilon=self._epsilon())
-    self._new_round()
-    return result
+        residual_norm=float(core.robust_l2_norm(self._global -
+                                                self._state.public)),
+        epsilon=self._epsilon(),
+        rejected_by_reason=dict(done.rejected_by_reason),
+        zeroed=dict(done.zeroed),
+        skipped=None if skipped is None else skipped[1])
+
+  def _release(self, done: _Round):
+    """The round's mean, applied and broadcast if the model stays in range.
+
+    Returns `(download, None)`, or `(None, (reason, message))` with nothing
+    applied. The query's state moves on either way (a seeded noise draw is
+    never reused). Checking the noised result is post-processing.
+    """
+    mean, self._query_state, _ = self._query.get_noised_result(
+        done.sample_state, self._query_state)
+    new_global = core.apply_update(self._global, mean,
+                                   self._config['server_learning_rate'])
+    sent, state, _ = self._broadcast.update(new_global, self._state)
+    if not (in_range(new_global) and in_range(state.public)):
+      return None, ('model out of range', 'the mean update would take the '
+                    'model out of the finite range (non-finite or above '
+                    f'±{MAX_WEIGHT_MAGNITUDE:.3g}): not applied')
+    self._global, self._state = new_global, state
+    return wire.encode(sent, value_bits=self._config['value_bits']), None
 
   def catch_up(self, last_sync_round: int) -> Optional[bytes]:
     """The download of a device last synced at `last_sync_round`, or None.
