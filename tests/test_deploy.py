@@ -414,3 +414,78 @@ def test_budget_refusal_states_spent_and_remaining():
   assert 'round 2 refused' in message
   assert 'spent' in message and 'remaining' in message, message
   assert f'{one_round:.4g}' in message
+
+
+def _uploads(rng, size, rounds, clients=3, k=4):
+  return [[tds.wire.encode(_sparse(np.sort(rng.choice(size, k, replace=False)),
+                                   rng.normal(size=k) * 0.5, size), 8)
+           for _ in range(clients)] for _ in range(rounds)]
+
+
+def _play(server, uploads):
+  downloads = []
+  for payloads in uploads:
+    server.open_round()
+    for cid, payload in enumerate(payloads):
+      server.submit(cid, payload, round_num=server.current_round)
+    server.submit('junk', b'DS\x01junk')
+    downloads.append(server.finish_round().download)
+  return downloads
+
+
+@pytest.mark.parametrize('unit', ['client', 'example'])
+def test_save_and_load_resume_exactly(tmp_path, unit):
+  size = 64
+  privacy = {
+      'client': tds.privacy.ClientLevelDP(0.5, 1.1, 3, 30, seed=11),
+      'example': tds.privacy.ExampleLevelDP(1.0, 1.1, 8, 2, 100),
+  }[unit]
+  extra = {} if unit == 'client' else {'max_update_norm': 1.5}
+  server = tds.deploy.DeploymentServer(
+      np.random.default_rng(5).normal(size=size).astype(np.float32),
+      upload_density=0.1, download_density=0.1, value_bits=8, history=3,
+      privacy=privacy, delta=DELTA, epsilon_budget=50.0, min_clients=2,
+      server_learning_rate=0.7, **extra)
+  uploads = _uploads(np.random.default_rng(6), size, 5)
+  _play(server, uploads[:3])
+  path = tmp_path / 'server.npz'
+  server.save(path)
+  assert [p.name for p in tmp_path.iterdir()] == ['server.npz']  # no temp
+  loaded = tds.deploy.DeploymentServer.load(path)
+  assert loaded.round_num == 3 and loaded.config == server.config
+  assert loaded.privacy == privacy
+  assert loaded.rejected_by_reason == {'malformed': 3}
+  assert loaded.ledger.to_dict() == server.ledger.to_dict()
+  for name in server.broadcast_state._fields:
+    np.testing.assert_array_equal(getattr(loaded.broadcast_state, name),
+                                  getattr(server.broadcast_state, name))
+  assert _play(loaded, uploads[3:]) == _play(server, uploads[3:])
+  np.testing.assert_array_equal(loaded.global_weights, server.global_weights)
+  np.testing.assert_array_equal(loaded.public_weights, server.public_weights)
+  assert loaded.ledger.epsilon == server.ledger.epsilon
+  assert loaded.rejected_total == server.rejected_total == 5
+  for last_sync in (3, 4):
+    assert loaded.catch_up(last_sync) == server.catch_up(last_sync)
+
+
+def test_save_keeps_an_open_round_charge_and_refuses_mid_round(tmp_path):
+  privacy = tds.privacy.ClientLevelDP(1.0, 1.0, 2, 20, seed=0)
+  server = tds.deploy.DeploymentServer(
+      np.zeros(10, np.float32), upload_density=0.2, download_density=0.2,
+      privacy=privacy)
+  path = str(tmp_path / 'server.npz')
+  server.open_round()  # devices invited: the round is charged
+  server.save(path)
+  loaded = tds.deploy.DeploymentServer.load(path)
+  assert loaded.open_round() == server.ledger.epsilon  # not charged twice
+  loaded.finish_round()
+  assert sum(entry.count for entry in loaded.ledger.entries) == 1
+  server.submit('a', b'junk')
+  with pytest.raises(RuntimeError, match='received 1 upload'):
+    server.save(path)
+  # The failed save left the checkpoint as it was, and no temporary file.
+  assert tds.deploy.DeploymentServer.load(path).round_num == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['server.npz']
+  (tmp_path / 'other.npz').write_bytes(b'not a checkpoint')
+  with pytest.raises(ValueError):
+    tds.deploy.DeploymentServer.load(tmp_path / 'other.npz')

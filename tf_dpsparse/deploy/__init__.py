@@ -12,12 +12,14 @@ Devices are not trusted: every upload is validated, bounded with the TFF
 front's `core.bound_update`, or refused and counted by reason
 (`RoundResult.rejected_by_reason`, `DeploymentServer.rejected_by_reason`);
 a round below `min_clients`, or one that would leave the model non-finite,
-is skipped.
+is skipped. `DeploymentServer.save` / `load` resume a server exactly, its
+ledger included (`tds.deploy.checkpoint`: one file, written atomically).
 
 Sign: an update is `initial - trained` (`tds.core.model_update`); the
 server applies the mean with `tds.core.apply_update`.
 """
 
+from tf_dpsparse.deploy import checkpoint
 from tf_dpsparse.deploy.server import MAX_WEIGHT_MAGNITUDE
 from tf_dpsparse.deploy.server import REFUSALS
 from tf_dpsparse.deploy.server import SKIPS
@@ -27,4 +29,4 @@ from tf_dpsparse.wire.downloads import apply_broadcast
 from tf_dpsparse.wire.downloads import apply_catch_up
 
 __all__ = ['DeploymentServer', 'MAX_WEIGHT_MAGNITUDE', 'REFUSALS', 'SKIPS',
-           'RoundResult', 'apply_broadcast', 'apply_catch_up']
+           'RoundResult', 'apply_broadcast', 'apply_catch_up', 'checkpoint']

@@ -48,7 +48,8 @@ the round's float32 sum is refused. A round with fewer accepted uploads than
 `min_clients` is skipped, and so is one whose result would leave the global
 or public model non-finite or above half the float32 range: the model stays
 as it was, the round's charge stays on the ledger (conservative) and the
-next round is charged once, as any other.
+next round is charged once, as any other. `save(path)` / `load(path)` keep
+the whole state on disk, written atomically; resuming is exact.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import tensorflow_privacy as tfp
 
 from tf_dpsparse import core
 from tf_dpsparse import wire
+from tf_dpsparse.deploy import checkpoint
 from tf_dpsparse.privacy.ledger import BudgetExhaustedError
 from tf_dpsparse.privacy.ledger import PrivacyLedger
 
@@ -204,7 +206,9 @@ class DeploymentServer:
   Per round: `open_round()` (the ledger's charge) before inviting devices,
   `submit(client_id, payload, round_num)` for each upload as it arrives,
   then `finish_round()`, whose `RoundResult.download` every up-to-date
-  device applies. A device that missed rounds asks `catch_up`.
+  device applies. A device that missed rounds asks `catch_up`. Between
+  rounds, `save(path)` writes the whole state; `DeploymentServer.load`
+  resumes it exactly.
 
   Args:
     initial_weights: the flat float32 model every device starts from (e.g.
@@ -477,6 +481,83 @@ class DeploymentServer:
                     f'±{MAX_WEIGHT_MAGNITUDE:.3g}): not applied')
     self._global, self._state = new_global, state
     return wire.encode(sent, value_bits=self._config['value_bits']), None
+
+  def save(self, path) -> None:
+    """Writes the whole server state to `path`, atomically (`checkpoint`).
+
+    Global and public models, the broadcast state with its history, the DP
+    query's state (its release counter: seeded noise continues), the
+    ledger, the round number, the refusal counters and the configuration.
+    Between rounds only: after `finish_round`, or after `open_round` (the
+    charge is saved, so a resumed server does not charge that round
+    again). Saving after both keeps every charge across a crash. Refused
+    once the open round has received an upload: a checkpoint holds no
+    device's upload.
+    """
+    if self._round.received:
+      raise RuntimeError(
+          f'round {self.current_round} has received {self._round.received} '
+          'upload(s): save before the first upload or after finish_round.')
+    state = self._state
+    arrays = dict(
+        global_weights=self._global.numpy(), public=state.public.numpy(),
+        round_num=state.round_num.numpy(),
+        history_indices=state.history_indices.numpy(),
+        history_rounds=state.history_rounds.numpy(),
+        last_indices=state.last_indices.numpy(),
+        last_values=state.last_values.numpy(),
+        **checkpoint.query_state_arrays(self._query_state))
+    checkpoint.save(path, dict(
+        config=self._config,
+        privacy=checkpoint.privacy_to_dict(self._privacy),
+        ledger=None if self._ledger is None else self._ledger.to_dict(),
+        round_charged=self._round.charged,
+        rejected_by_reason=dict(self.rejected_by_reason),
+        skipped_by_reason=dict(self.skipped_by_reason),
+        zeroed_total=self.zeroed_total), arrays)
+
+  @classmethod
+  def load(cls, path) -> 'DeploymentServer':
+    """The server `save` wrote to `path`, exactly as it was.
+
+    Its ledger is restored from the file (`PrivacyLedger.from_dict`); a
+    ledger object shared with other code before the save is not re-linked.
+    """
+    meta, arrays = checkpoint.load(path)
+    ledger = meta['ledger']
+    server = cls(arrays['public'],
+                 privacy=checkpoint.privacy_from_dict(meta['privacy']),
+                 ledger=None if ledger is None else
+                 PrivacyLedger.from_dict(ledger), **meta['config'])
+    server._restore(meta, arrays)  # pylint: disable=protected-access
+    return server
+
+  def _restore(self, meta: dict, arrays: dict) -> None:
+    """Puts a checkpoint's models, states and counters in place."""
+    state = core.BroadcastState(
+        public=tf.constant(arrays['public'], tf.float32),
+        round_num=tf.constant(arrays['round_num'], tf.int32),
+        history_indices=tf.constant(arrays['history_indices'], tf.int32),
+        history_rounds=tf.constant(arrays['history_rounds'], tf.int32),
+        last_indices=tf.constant(arrays['last_indices'], tf.int32),
+        last_values=tf.constant(arrays['last_values'], tf.float32))
+    like = self._state
+    for name, value in zip(state._fields, state):
+      if value.shape != getattr(like, name).shape:
+        raise ValueError(f'checkpoint field {name} has shape {value.shape}, '
+                         f'expected {getattr(like, name).shape}.')
+    global_weights = tf.constant(arrays['global_weights'], tf.float32)
+    if global_weights.shape != like.public.shape or not in_range(
+        global_weights):
+      raise ValueError('checkpoint global model: wrong size or out of range.')
+    self._global, self._state = global_weights, state
+    self._query_state = checkpoint.query_state_from_arrays(
+        self._query_state, arrays)
+    self.rejected_by_reason.update(meta['rejected_by_reason'])
+    self.skipped_by_reason.update(meta['skipped_by_reason'])
+    self.zeroed_total = int(meta['zeroed_total'])
+    self._new_round()
+    self._round.charged = bool(meta['round_charged'])
 
   def catch_up(self, last_sync_round: int) -> Optional[bytes]:
     """The download of a device last synced at `last_sync_round`, or None.
