@@ -22,7 +22,9 @@ class ClientStateStore:
 
   `initial_view` (flat float32[size], the initial public model) adds a view
   per device, for `catch_up='topk'`; `path` memory-maps the residuals there
-  and the views beside them (`<path>.views.npy`).
+  and the views beside them (`<path>.views.npy`). Those files are the
+  store's working memory, changed in place every round, not a checkpoint: a
+  run's checkpoint saves a copy (`state_dict`) after `flush`.
   """
 
   def __init__(self, num_clients: int, size: int, *, dtype=np.float32,
@@ -73,6 +75,38 @@ class ClientStateStore:
       if self._views is not None:
         self._views[i] = state['view']
       self._last_sync[i] = state['last_sync_round']
+
+  def flush(self) -> None:
+    """Writes a memory-mapped store's pending changes to its files (a no-op
+    in memory), so the files match what a checkpoint records."""
+    for array in (self._residuals, self._views):
+      if isinstance(array, np.memmap):
+        array.flush()
+
+  def state_dict(self) -> collections.OrderedDict:
+    """Every device's state as arrays (the store itself, not copies): what
+    a checkpoint saves and `load_state_dict` takes back."""
+    state = collections.OrderedDict(residuals=self._residuals)
+    if self._views is not None:
+      state['views'] = self._views
+    state['last_sync'] = self._last_sync
+    return state
+
+  def load_state_dict(self, state) -> None:
+    """Overwrites every device's state with `state_dict()`'s (of a store of
+    the same shape, dtype and views), in place: a memory-mapped store keeps
+    its files, then flushed."""
+    mine = self.state_dict()
+    if list(state) != list(mine):
+      raise ValueError(f'state has {list(state)}, this store keeps '
+                       f'{list(mine)}.')
+    for name, array in mine.items():
+      value = np.asarray(state[name])
+      if value.shape != array.shape or value.dtype != array.dtype:
+        raise ValueError(f'{name}: {value.dtype}{list(value.shape)} does not '
+                         f'fit this store\'s {array.dtype}{list(array.shape)}.')
+      array[...] = value
+    self.flush()
 
   def residual(self, client_id: int) -> np.ndarray:
     return self._residuals[client_id].astype(np.float32)
