@@ -54,14 +54,27 @@ def _run(args) -> int:
 
 def _train(config: run_config.RunConfig, job: run_config.JobOptions) -> int:
   """Runs `config` (and its dense-DP baseline unless `job` says not to),
-  saves the results and prints the table."""
-  from tf_dpsparse.federated import simulation  # imports TensorFlow
-  label = (f'dp-sparse ↑{config.upload_density:g} '
-           f'↓{config.download_density:g}')
-  results = [simulation.run(config, progress=job.progress, label=label)]
+  saves the results and prints the table.
+
+  Each run checkpoints every round under `job.out` and resumes from there
+  when the same command runs again. Every run's checkpoint is checked (a
+  different config there is refused) or, with `job.restart`, deleted before
+  the first trains, so neither a refusal nor a restart comes after an hour
+  of training, and a restarted job never mixes in an older baseline.
+  """
+  from tf_dpsparse.federated import checkpoint  # imports TensorFlow
+  from tf_dpsparse.federated import simulation
+  runs = [(config, f'dp-sparse ↑{config.upload_density:g} '
+                   f'↓{config.download_density:g}')]
   if job.baseline:
-    results.append(simulation.run(config.dense(), progress=job.progress,
-                                  label='dense (same privacy)'))
+    runs.append((config.dense(), 'dense (same privacy)'))
+  for planned, label in runs:
+    if job.restart:
+      checkpoint.discard(job.out, label)
+    else:
+      checkpoint.check(job.out, label, planned)
+  results = [simulation.run(c, progress=job.progress, label=label,
+                            out=job.out) for c, label in runs]
   paths = simulation.save(results, job.out)
   print()
   print(simulation.summary_table(results))

@@ -138,6 +138,10 @@ class RunConfig:
                            choices=(32, 16, 8))
   seed: int = _field(0, 'data split, sampling and initial model (DP noise '
                      'comes from OS entropy)', valid=NON_NEGATIVE)
+  noise_seed: Optional[int] = _field(
+      None, 'tests and reproductions only: draw the DP noise from this seed '
+      '(anyone who knows it can subtract the noise, so a seeded run is not '
+      'private)', valid=NON_NEGATIVE, default_text='OS entropy')
 
   def __post_init__(self):
     """Validates and resolves the config, the one place either happens.
@@ -195,7 +199,8 @@ class RunConfig:
     one of them would be silently ignored, so `from_flags` refuses it."""
     why = {}
     if self.privacy is None:
-      why.update((name, 'the run is not private') for name in PRIVACY_FIELDS)
+      why.update((name, 'the run is not private')
+                 for name in (*PRIVACY_FIELDS, 'noise_seed'))
     if self.dataset == 'hapt':
       why.update((name, f"hapt's devices are its {HAPT_USERS} users")
                  for name in ('num_clients', 'partition', 'alpha'))
@@ -251,15 +256,20 @@ class RunConfig:
 
 @dataclasses.dataclass
 class JobOptions:
-  """How `tf-dpsparse run` runs a `RunConfig`: where the results go, and
-  whether the dense-DP baseline runs beside it (not saved in the config:
-  they change no result of the run)."""
+  """How `tf-dpsparse run` runs a `RunConfig`: where the results (and the
+  checkpoints) go, whether the dense-DP baseline runs beside it, and whether
+  to resume (not saved in the config: they change no result of the run)."""
   out: str = _field('runs/latest', 'output directory for rounds.json, '
-                    'summary.md and accuracy.png', metavar='DIR')
+                    'summary.md, accuracy.png and the checkpoints',
+                    metavar='DIR')
   baseline: bool = _field(True, 'also run the dense-DP baseline (the same '
                           'job at densities 1.0 and float32) so the table '
                           'and plot compare the two')
   progress: bool = _field(True, 'show a progress bar per run')
+  restart: bool = _field(
+      False, 'start over: delete the checkpoints this command left in --out '
+      '(by default a run checkpoints every round under DIR/checkpoint/ and '
+      'the same command resumes after its last completed round)')
 
   def __post_init__(self):
     """Refuses an output path that cannot be written, before the training

@@ -3,7 +3,9 @@
 This is what `tf-dpsparse run` (and `make demo`) executes: sample devices,
 pass their data and state through the learning process, evaluate the global
 model on the centralized test set, and record every round (accuracy, bytes
-each way against dense, ε so far) to JSON and a plot.
+each way against dense, ε so far) to JSON and a plot. Given an output
+directory, a run checkpoints after every round and the same call resumes
+after a crash (`tf_dpsparse.federated.checkpoint`).
 
 Client sampling follows the accountant: client-level DP samples each device
 independently with probability clients_per_round / total_clients (Poisson);
@@ -32,6 +34,7 @@ from tf_dpsparse import data as data_lib
 from tf_dpsparse import models
 from tf_dpsparse.config import DEFAULT_TARGET_EPSILON  # noqa: F401 re-export
 from tf_dpsparse.config import RunConfig
+from tf_dpsparse.federated import checkpoint as checkpoint_lib
 from tf_dpsparse.federated.client_states import ClientStateStore
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 
@@ -64,8 +67,11 @@ def build_process(config: RunConfig, model_fn, *, total_clients: int,
                   min_client_examples: Optional[int],
                   builder: Callable = build_dp_sparse_fed_avg, **extra):
   """`builder` (`build_dp_sparse_fed_avg`'s arguments) with the config's;
-  `extra` keywords pass through (e.g. the audit's hooks)."""
+  `extra` keywords pass through (e.g. the audit's hooks). A config's
+  `noise_seed` is the builder's `seed` (all noise fixed: tests only)."""
   private = config.privacy is not None
+  if config.noise_seed is not None:
+    extra.setdefault('seed', config.noise_seed)
   return builder(
       model_fn,
       tff.learning.optimizers.build_sgdm(config.client_learning_rate),
@@ -182,49 +188,82 @@ def _progress_bar(config: RunConfig, progress: bool, label: Optional[str]):
   return tqdm(total=config.rounds, desc=label or config.dataset, unit='round')
 
 
-def _train(config: RunConfig, fed, process, scorer: _Scorer, bar):
-  """Runs the rounds; returns (final state, rows, cumulative bytes).
-
-  A round whose Poisson sample is empty releases nothing: it is skipped
-  (`process.skip_round()` still charges its ε) and leaves no row.
-  """
-  client_ids = list(fed.client_ids)
-  per_round = config.clients_per_round or len(client_ids)
-  rng = np.random.default_rng(config.seed)
+def _start(config: RunConfig, fed, process) -> checkpoint_lib.Progress:
+  """Round 0: the initial state, every device's initial state, the seeded
+  sampling RNG."""
   state = process.initialize()
   own_views = getattr(process, 'catch_up', None) == 'topk'
   store = ClientStateStore(
-      len(client_ids), process.size,
+      len(fed.client_ids), process.size,
       initial_view=process.get_public_weights(state) if own_views else None)
-  rounds: List[dict] = []
-  cumulative = {'up': 0, 'down': 0, 'dense': 0}
-  for round_num in range(1, config.rounds + 1):
-    sampled = _sample(config, client_ids, per_round, rng)
-    if not sampled:  # Poisson sampling drew nobody: nothing is released
-      process.skip_round()
-      if bar is not None:
-        bar.update(1)
-      continue
-    start = time.perf_counter()
-    out = process.next(
-        state, [device_dataset(fed.client_dataset(c), fed.client_sizes[c],
-                               config, rng) for c in sampled],
-        store.get([client_ids.index(c) for c in sampled]))
-    seconds = time.perf_counter() - start
-    store.put(out.client_states)
-    state = out.state
-    test_loss, accuracy = scorer.server(process, state)
-    device_accuracy = scorer.devices(process, state, out.client_states,
-                                     round_num == config.rounds, accuracy)
-    rounds.append(_record(round_num, out.metrics,
-                          (test_loss, accuracy, device_accuracy),
-                          len(sampled), cumulative, seconds))
+  return checkpoint_lib.Progress(
+      done=0, state=state, store=store, rng=np.random.default_rng(config.seed),
+      rounds=[], cumulative={'up': 0, 'down': 0, 'dense': 0})
+
+
+def _round(config: RunConfig, fed, process, scorer: _Scorer,
+           progress: checkpoint_lib.Progress) -> Optional[dict]:
+  """Runs round `progress.done + 1` and advances `progress`; returns its row,
+  or None for a round whose Poisson sample is empty: it releases nothing, is
+  skipped (`process.skip_round()` still charges its ε) and leaves no row."""
+  client_ids = list(fed.client_ids)
+  round_num, rng = progress.done + 1, progress.rng
+  sampled = _sample(config, client_ids,
+                    config.clients_per_round or len(client_ids), rng)
+  if not sampled:  # Poisson sampling drew nobody: nothing is released
+    process.skip_round()
+    progress.done = round_num
+    return None
+  start = time.perf_counter()
+  out = process.next(
+      progress.state,
+      [device_dataset(fed.client_dataset(c), fed.client_sizes[c], config, rng)
+       for c in sampled],
+      progress.store.get([client_ids.index(c) for c in sampled]))
+  seconds = time.perf_counter() - start
+  progress.store.put(out.client_states)
+  progress.state = out.state
+  test_loss, accuracy = scorer.server(process, out.state)
+  device_accuracy = scorer.devices(process, out.state, out.client_states,
+                                   round_num == config.rounds, accuracy)
+  progress.rounds.append(_record(round_num, out.metrics,
+                                 (test_loss, accuracy, device_accuracy),
+                                 len(sampled), progress.cumulative, seconds))
+  progress.done = round_num
+  return progress.rounds[-1]
+
+
+def _train(config: RunConfig, fed, process, scorer: _Scorer, bar, *,
+           checkpoint: Optional[checkpoint_lib.RunCheckpoint] = None,
+           label: str = '', after_round: Optional[Callable[[int], None]] = None
+           ) -> checkpoint_lib.Progress:
+  """Runs the rounds not done yet; returns the run's final progress.
+
+  With `checkpoint`, starts from its last round (saying so on stderr) and
+  checkpoints after every round, skipped ones too (they charge ε and draw
+  from the sampling RNG). `after_round(r)` is called once round r's
+  checkpoint is written (tests interrupt a run there).
+  """
+  progress = _start(config, fed, process)
+  if checkpoint is not None and checkpoint.restore(progress, process):
+    print(f'resuming {label} after round {progress.done} of {config.rounds} '
+          f'({checkpoint.path})', file=sys.stderr)
+  if bar is not None:
+    bar.update(progress.done)
+  while progress.done < config.rounds:
+    row = _round(config, fed, process, scorer, progress)
+    if checkpoint is not None:
+      checkpoint.save(progress, process.ledger)
     if bar is not None:
-      bar.set_postfix(acc=f'{accuracy:.3f}', device=f'{device_accuracy:.3f}',
-                      eps=f'{rounds[-1]["epsilon"]:.2f}',
-                      MB=f'{rounds[-1]["cumulative_mb"]:.2f}')
+      if row is not None:
+        bar.set_postfix(acc=f'{row["accuracy"]:.3f}',
+                        device=f'{row["device_accuracy"]:.3f}',
+                        eps=f'{row["epsilon"]:.2f}',
+                        MB=f'{row["cumulative_mb"]:.2f}')
       bar.update(1)
-  return state, rounds, cumulative
+    if after_round is not None:
+      after_round(progress.done)
+  return progress
 
 
 def _summary(config: RunConfig, process, rounds: List[dict],
@@ -247,9 +286,42 @@ def _summary(config: RunConfig, process, rounds: List[dict],
   }
 
 
+def _open_checkpoint(config: RunConfig, label: str, out: Optional[str],
+                     restart: bool):
+  """(checkpoint, finished result): the run's checkpoint under `out` (None
+  without `out`), and its stored result if it already finished."""
+  if out is None:
+    return None, None
+  if restart:
+    checkpoint_lib.discard(out, label)
+  checkpoint = checkpoint_lib.RunCheckpoint(out, label, config)
+  result = checkpoint.completed()
+  if result is not None:
+    print(f'{label}: already complete ({config.rounds} rounds, '
+          f'{checkpoint.path}); rewriting its outputs (--restart runs it '
+          'again)', file=sys.stderr)
+  return checkpoint, result
+
+
+def _mid_run(checkpoint, process, label: str):
+  """The checkpoint to save rounds to: None when `process` cannot resume
+  mid-run (`checkpoint.resumable`); its result is still recorded."""
+  if checkpoint is None:
+    return None
+  why = checkpoint_lib.resumable(process)
+  if why is None:
+    return checkpoint
+  if checkpoint.existed:
+    print(f'{label}: cannot resume mid-run ({why}); starting again from '
+          'round 1', file=sys.stderr)
+  return None
+
+
 def run(config: RunConfig, *, progress: bool = True,
         label: Optional[str] = None,
-        builder: Callable = build_dp_sparse_fed_avg) -> dict:
+        builder: Callable = build_dp_sparse_fed_avg,
+        out: Optional[str] = None, restart: bool = False,
+        after_round: Optional[Callable[[int], None]] = None) -> dict:
   """Runs `config` and returns {'label', 'config', 'rounds', 'summary',
   'ledger'}; 'config' is `config.resolved()`, the values that ran.
 
@@ -258,12 +330,26 @@ def run(config: RunConfig, *, progress: bool = True,
   `get_model_weights`, `ledger`, `noise_multiplier`, `size`): baselines run on
   the same data, sampling and evaluation through it (benchmarks/).
 
+  With `out`, the run checkpoints every round under
+  `checkpoint.directory(out, label)` and, called again with the same `out`,
+  label and config, resumes after its last completed round; a finished run
+  returns its stored result without training. Another config there is
+  refused (`CheckpointMismatchError`, a ValueError); `restart` deletes the
+  checkpoint first. A process that keeps state outside the state `next`
+  returns (`resumable = False`, e.g. DSSGD) records only its result. See
+  `tf_dpsparse.federated.checkpoint`, also for what a crash does to the
+  privacy ledger. `after_round(r)` runs after round r's checkpoint.
+
   If no round ran (client-level Poisson sampling drew nobody in every
   round), the final accuracies are the initial model's, `rounds` is empty,
   `summary['rounds_completed']` is 0 and ε still counts the skipped rounds
   (each is a release of nothing, charged by `process.skip_round()`); a note
   goes to stderr, and `summary_table` marks the row.
   """
+  name = label or 'dp-sparse'
+  checkpoint, result = _open_checkpoint(config, name, out, restart)
+  if result is not None:
+    return result
   fed = load_data(config)
   total = len(fed.client_ids)
   if (config.clients_per_round or total) > total:
@@ -275,20 +361,32 @@ def run(config: RunConfig, *, progress: bool = True,
                           builder=builder)
   scorer = _Scorer(keras_model(), fed.test_arrays())
   bar = _progress_bar(config, progress, label)
-  state, rounds, cumulative = _train(config, fed, process, scorer, bar)
+  done = _train(config, fed, process, scorer, bar, label=name,
+                checkpoint=_mid_run(checkpoint, process, name),
+                after_round=after_round)
   if bar is not None:
     bar.close()
+  result = _result(config, name, process, scorer, done)
+  if checkpoint is not None:
+    checkpoint.complete(result)
+  return result
+
+
+def _result(config: RunConfig, label: str, process, scorer: _Scorer,
+            done: checkpoint_lib.Progress) -> dict:
+  """The run's result from its final progress (`run`'s return value)."""
+  rounds = done.rounds
   if rounds:
     final = rounds[-1]['accuracy'], rounds[-1]['device_accuracy']
   else:
-    print(f'{label or config.dataset}: no round ran: client sampling drew no '
-          f'device in any of the {config.rounds} rounds; the accuracy is the '
-          'initial model\'s.', file=sys.stderr)
-    accuracy = scorer.server(process, state)[1]
-    final = accuracy, scorer.devices(process, state, [], True, accuracy)
-  return {'label': label or 'dp-sparse',
+    print(f'{label}: no round ran: client sampling drew no device in any of '
+          f'the {config.rounds} rounds; the accuracy is the initial '
+          'model\'s.', file=sys.stderr)
+    accuracy = scorer.server(process, done.state)[1]
+    final = accuracy, scorer.devices(process, done.state, [], True, accuracy)
+  return {'label': label,
           'config': dataclasses.asdict(config.resolved()), 'rounds': rounds,
-          'summary': _summary(config, process, rounds, cumulative, final),
+          'summary': _summary(config, process, rounds, done.cumulative, final),
           'ledger': None if process.ledger is None else
                     process.ledger.to_dict()}
 
@@ -340,13 +438,17 @@ def plot(results: List[dict], path: str) -> None:
 
 
 def save(results: List[dict], out_dir: str) -> dict:
-  """Writes rounds.json, summary.md and accuracy.png under `out_dir`."""
+  """Writes rounds.json, summary.md and accuracy.png under `out_dir`, each
+  replaced atomically, so a crash while writing them (after a resumed run
+  finished, say) leaves the previous files, not half of new ones."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {name: os.path.join(out_dir, name)
            for name in ('rounds.json', 'summary.md', 'accuracy.png')}
-  with open(paths['rounds.json'], 'w') as f:
-    json.dump(results, f, indent=1)
-  with open(paths['summary.md'], 'w') as f:
-    f.write(summary_table(results) + '\n')
-  plot(results, paths['accuracy.png'])
+  checkpoint_lib.write_atomically(paths['rounds.json'],
+                                  json.dumps(results, indent=1))
+  checkpoint_lib.write_atomically(paths['summary.md'],
+                                  summary_table(results) + '\n')
+  partial = os.path.join(out_dir, '.accuracy.partial.png')
+  plot(results, partial)
+  os.replace(partial, paths['accuracy.png'])
   return paths
