@@ -22,7 +22,10 @@ hour of training.
 
 Writes to --out: table.md (the table, the targets met or not, the command
 and date), rounds.json and rounds.csv (every round of every method),
-accuracy.png (accuracy vs round and vs cumulative MB, log x).
+accuracy.png (accuracy vs round and vs cumulative MB, log x), and each
+method's checkpoints in checkpoint/<method>/ (`simulation.run`): the same
+command again reruns no finished method and resumes an interrupted one after
+its last completed round; --restart runs the chosen methods again.
 
 Run: `tf-dpsparse bench --quick` or
 `python -m tf_dpsparse.baselines.paper_table ...`.
@@ -115,14 +118,24 @@ def _builder(key: str):
   """The process builder of `key`, imported only when its method runs."""
   # pylint: disable=import-outside-toplevel
   if key == 'dssgd':
-    from tf_dpsparse.baselines import dssgd
-    return dssgd.build_dssgd
+    return _build_dssgd
   if key in ('tff', 'tff-8bit'):
     from tf_dpsparse.baselines import tff_baselines
     return functools.partial(tff_baselines.build_tff_fed_avg,
                              quantize=key == 'tff-8bit')
   from tf_dpsparse.federated import build_dp_sparse_fed_avg
   return build_dp_sparse_fed_avg
+
+
+def _build_dssgd(*args, **kwargs):
+  """DSSGD, marked as not resumable mid-run: its participants' local models
+  and its RNG live in the process object, not in the state a checkpoint
+  saves, so an interrupted DSSGD row starts again from round 1 (a finished
+  one is still not rerun)."""
+  from tf_dpsparse.baselines import dssgd  # pylint: disable=import-outside-toplevel
+  process = dssgd.build_dssgd(*args, **kwargs)
+  process.resumable = False
+  return process
 
 
 def _method(name: str, base: RunConfig) -> Union[Tuple[RunConfig, str], str]:
@@ -218,13 +231,31 @@ def plan(args: argparse.Namespace) -> Tuple[List[Method], List[str]]:
   return methods, skipped
 
 
-def run_methods(methods: Sequence[Method], progress: bool = True) -> list:
-  """Runs each planned method through `simulation.run`, in order."""
+def prepare_checkpoints(methods: Sequence[Method], out: str,
+                        restart: bool) -> None:
+  """Before any method trains: deletes every method's checkpoint in `out`
+  (`restart`), or refuses one left by another config of that method (a
+  ValueError naming --restart), so neither comes after a method's training.
+  """
+  from tf_dpsparse.federated import checkpoint  # pylint: disable=import-outside-toplevel
+  for method in methods:
+    if restart:
+      checkpoint.discard(out, method.name)
+    else:
+      checkpoint.check(out, method.name, method.config)
+
+
+def run_methods(methods: Sequence[Method], progress: bool = True,
+                out: Optional[str] = None) -> list:
+  """Runs each planned method through `simulation.run`, in order; with
+  `out`, each checkpoints in its own directory there and a finished one
+  returns its stored result (`simulation.run`)."""
   from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
   results = []
   for method in methods:
     result = simulation.run(method.config, progress=progress,
-                            label=method.name, builder=_builder(method.builder))
+                            label=method.name, builder=_builder(method.builder),
+                            out=out)
     if method.name == 'dssgd':
       result['summary']['delta'] = 0.0  # pure ε-DP
     results.append(result)
@@ -346,6 +377,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
       f'output directory (default: {DEFAULT_OUT})'))
   parser.add_argument('--no-progress', action='store_true',
                       help='no progress bars')
+  parser.add_argument('--restart', action='store_true', help=(
+      'start over: delete the chosen methods\' checkpoints in --out (by '
+      'default a finished method is not rerun and an interrupted one '
+      'resumes after its last completed round)'))
   return parser
 
 
@@ -353,19 +388,21 @@ def main(argv: Optional[Sequence[str]] = None,
          prog: Optional[str] = None) -> int:
   """Plans every method, runs them and writes the table.
 
-  A flag the plan refuses ends here with one line and exit code 2, before
-  any training (argparse's own errors exit 2 too). `prog` names the command
+  A flag the plan refuses, or a checkpoint in --out of another config,
+  ends here with one line and exit code 2, before any training (argparse's
+  own errors exit 2 too). `prog` names the command
   in errors, --help and table.md (`tf-dpsparse bench` from the CLI).
   """
   args = build_parser(prog).parse_args(argv)
   try:
     methods, skipped = plan(args)
+    prepare_checkpoints(methods, args.out, args.restart)
   except ValueError as e:
     print(f'{prog or PROG}: error: {e}', file=sys.stderr)
     return 2
   for line in skipped:
     print(f'skipping {line}')
-  results = run_methods(methods, progress=not args.no_progress)
+  results = run_methods(methods, progress=not args.no_progress, out=args.out)
   argv = sys.argv[1:] if argv is None else argv
   write_outputs(results, args.out,
                 ' '.join([prog or PROG, *map(shlex.quote, argv)]))
