@@ -340,3 +340,56 @@ def test_client_run_whose_poisson_samples_are_all_empty(tmp_path, capfd):
   assert 0 < summary['epsilon'] <= 8.0  # the skipped round is charged
   assert (result['config']['clients_per_round'], result['config'][
       'num_clients'], result['config']['partition']) == (1, 10, 'iid')
+
+
+def test_run_passes_restart_and_noise_seed(trains):
+  assert cli.main([*RUN, '--restart', '--noise-seed', '3']) == 0
+  (config, job), = trains
+  assert job.restart and config.noise_seed == 3
+  assert cli.main(RUN) == 0
+  assert not trains[-1][1].restart and trains[-1][0].noise_seed is None
+
+
+def test_run_refuses_a_noise_seed_without_noise(refusals, capsys):
+  del refusals
+  assert '--noise-seed would be ignored: the run is not private' in _refused(
+      [*RUN, '--privacy', 'none', '--noise-seed', '1'], capsys)
+
+
+def _checkpoint_of_another_config(out, label):
+  from tf_dpsparse.federated import checkpoint  # needs TFF
+  checkpoint.RunCheckpoint(str(out), label, run_config.RunConfig(
+      dataset='digits', rounds=9))
+  return checkpoint.directory(str(out), label)
+
+
+def test_run_refuses_a_checkpoint_of_another_config_before_training(
+    runs, tmp_path, capsys):
+  """The baseline's checkpoint is checked before the main run trains, and
+  the refusal names --restart (exit 2, one line)."""
+  out = tmp_path / 'run'
+  _checkpoint_of_another_config(out, 'dense (same privacy)')
+  assert cli.main([*RUN, '--out', str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(
+      'tf-dpsparse run: error: ')
+  assert 'rounds 9 there, 2 now' in err and '--restart' in err
+  assert runs == []
+
+
+def test_restart_deletes_every_runs_checkpoint_before_the_first_trains(
+    monkeypatch, tmp_path):
+  out = tmp_path / 'run'
+  paths = [_checkpoint_of_another_config(out, label) for label in (
+      'dp-sparse ↑0.02 ↓0.02', 'dense (same privacy)')]
+  simulation = _simulation()
+  seen = []
+
+  def run(config, **kwargs):
+    seen.append([os.path.exists(p) for p in paths])
+    raise _Stop
+
+  monkeypatch.setattr(simulation, 'run', run)
+  with pytest.raises(_Stop):
+    cli.main([*RUN, '--out', str(out), '--restart'])
+  assert seen == [[False, False]]
