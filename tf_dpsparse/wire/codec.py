@@ -263,7 +263,11 @@ def _decode_values(payload: bytes, pos: int, k: int, value_bits: int):
     q = np.frombuffer(raw, _VALUE_DTYPES[8])
     if (q == -128).any():
       raise DecodeError('8-bit values must lie in [-127, 127].')
-    return np.ldexp(q.astype(np.float32), exponent), pos
+    with np.errstate(over='ignore'):  # 127 * 2**122 exceeds float32
+      values = np.ldexp(q.astype(np.float32), exponent)
+    if not np.isfinite(values).all():
+      raise DecodeError(f'8-bit values overflow float32 at exponent {exponent}.')
+    return values, pos
   raw, pos = _take(payload, pos, k * _VALUE_DTYPES[value_bits].itemsize,
                    'values')
   values = np.frombuffer(raw, _VALUE_DTYPES[value_bits]).astype(np.float32)
