@@ -1,5 +1,7 @@
 """Core transforms: clip bound, conservation, top-k, noise, flatten."""
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -427,3 +429,24 @@ def test_robust_norm_and_bound_never_overflow_or_pass_non_finite():
   assert not bool(metrics.over_bound) and not bool(metrics.non_finite)
   with pytest.raises(ValueError, match='policy'):
     tds.core.bound_update(huge, 1.0, 'drop')
+
+
+@pytest.mark.parametrize('value_bits', [32, 16, 8])
+def test_error_feedback_uploads_stay_within_the_gain(value_bits):
+  """Adversarially aligned updates of norm 1: every upload (update +
+  residual, sent part) stays below error_feedback_gain."""
+  size, k = 400, 8
+  gain = tds.core.error_feedback_gain(k, size, value_bits)
+  rng = np.random.default_rng(value_bits)
+  residual = tf.zeros([size])
+  direction = rng.normal(size=size).astype(np.float32)
+  worst = 0.0
+  for _ in range(300):
+    x = direction + 0.1 * rng.normal(size=size).astype(np.float32)
+    x /= np.linalg.norm(x)
+    sent, residual, _ = tds.core.clipped_topk_with_error_feedback(
+        x, k, residual, value_bits=value_bits)
+    # x + e before top-k: what the sent part of this upload comes from.
+    worst = max(worst, float(tf.norm(tds.core.densify(sent) + residual)))
+  assert worst <= gain
+  assert math.isinf(tds.core.error_feedback_gain(5000, 10_000, 8))

@@ -25,6 +25,7 @@ from tf_dpsparse.core.transforms import clip_rows_by_l2_norm
 from tf_dpsparse.core.transforms import clipped_sum
 from tf_dpsparse.core.transforms import clipped_topk_with_error_feedback
 from tf_dpsparse.core.transforms import default_max_batch
+from tf_dpsparse.core.transforms import error_feedback_gain
 from tf_dpsparse.core.transforms import flatten
 from tf_dpsparse.core.transforms import fold_in_seed
 from tf_dpsparse.core.transforms import gaussian_average
@@ -44,7 +45,7 @@ __all__ = [
     'apply_update', 'model_update', 'sparse_broadcast', 'sparse_upload',
     'stages', 'topk_catch_up', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
-    'convolution', 'default_max_batch', 'densify', 'flatten',
+    'convolution', 'default_max_batch', 'error_feedback_gain', 'densify', 'flatten',
     'fold_in_seed', 'gaussian_average', 'k_for_density',
     'noised_average', 'padded_chunks', 'per_example_gradients',
     'poisson_gaussian_average', 'poisson_sample', 'sparse_sync',

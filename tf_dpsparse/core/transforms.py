@@ -341,6 +341,24 @@ def k_for_density(size: int, density: float) -> int:
   return min(size, max(1, math.ceil(density * size - 1e-9)))
 
 
+def error_feedback_gain(k: int, size: int, value_bits: int = 32) -> float:
+  """How much larger than the largest update an error-feedback upload gets.
+
+  Top-k keeps at least k/size of ||x + e||^2, and rounding toward zero at
+  `value_bits` gives back at most a fraction c of the sent norm (c = 0 at
+  32 bits, 2^-10 at 16, sqrt(k)/63.5 at 8: each int8 value is off by less
+  than its block's scale, itself < peak/63.5). So ||e'||^2 <= (1 - delta)
+  ||x + e||^2 with delta = (k/size)(1 - c^2), and by induction every
+  upload obeys ||x + e|| <= max ||x|| / (1 - sqrt(1 - delta)). Returns that
+  factor, or inf when rounding can undo the contraction (c >= 1).
+  """
+  c = {32: 0.0, 16: 2.0**-10, 8: math.sqrt(k) / 63.5}[value_bits]
+  delta = (k / size) * (1 - c * c)
+  if delta <= 0:
+    return math.inf
+  return 1 / (1 - math.sqrt(1 - delta))
+
+
 def topk_with_error_feedback(
     flat: tf.Tensor, k, residual: Optional[tf.Tensor] = None, *,
     shared_indices: Optional[tf.Tensor] = None

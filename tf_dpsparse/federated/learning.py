@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -352,7 +353,8 @@ def build_dp_sparse_fed_avg_process(
   aggregator = DPSparseAggregatorFactory(
       size, privacy=privacy, num_shared=k_shared, value_bits=value_bits,
       max_update_norm=_update_norm_bound(
-          privacy, client_optimizer, weights_type, size, max_update_norm)
+          privacy, client_optimizer, weights_type, k=k_up, size=size,
+          value_bits=value_bits, max_update_norm=max_update_norm)
   ).create(sparse_type(k_up))
   finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
       server_optimizer, weights_type)
@@ -361,11 +363,14 @@ def build_dp_sparse_fed_avg_process(
                  data_type, state_type)
 
 
-def _update_norm_bound(privacy, client_optimizer, weights_type, size: int,
+def _update_norm_bound(privacy, client_optimizer, weights_type, *, k: int,
+                       size: int, value_bits: int,
                        max_update_norm: Optional[float]) -> Optional[float]:
-  """The server's bound on an example-level update: `max_update_norm`, or
-  by default `ExampleLevelDP.update_norm_bound` when the devices train with
-  TFF's SGD (its learning rate and momentum read from its hparams). Other
+  """The server's bound on an example-level upload: `max_update_norm`, or
+  by default the round update's bound (`ExampleLevelDP.update_norm_bound`,
+  when the devices train with TFF's SGD: its learning rate and momentum
+  read from its hparams) times `core.error_feedback_gain`, since an upload
+  also carries the device's residual. Other
   optimizers get no default (pass `max_update_norm`); client level clips.
   """
   if max_update_norm is not None or not isinstance(
@@ -374,10 +379,12 @@ def _update_norm_bound(privacy, client_optimizer, weights_type, size: int,
   specs = [tf.TensorSpec(t.shape, t.dtype)
            for t in tff.structure.flatten(weights_type.trainable)]
   hparams = client_optimizer.get_hparams(client_optimizer.initialize(specs))
-  if not set(hparams) <= {'learning_rate', 'momentum'}:
+  gain = core.error_feedback_gain(k, size, value_bits)
+  if not set(hparams) <= {'learning_rate', 'momentum'} or math.isinf(gain):
     return None
-  return privacy.update_norm_bound(size, float(hparams['learning_rate']),
-                                   float(hparams.get('momentum', 0.0)))
+  return gain * privacy.update_norm_bound(
+      size, float(hparams['learning_rate']),
+      float(hparams.get('momentum', 0.0)))
 
 
 def _mechanism(privacy, *, seed, **params):
@@ -512,8 +519,10 @@ def build_dp_sparse_fed_avg(
     seed: fixes all noise (tests); OS entropy when None.
     max_update_norm: the server zeroes a device's update above this L2 norm
       (and any non-finite one); default for example level with TFF's SGD on
-      the devices: `ExampleLevelDP.update_norm_bound`, which no honest update
-      reaches. Client level clips at `l2_norm_clip` instead.
+      the devices: `ExampleLevelDP.update_norm_bound` times
+      `core.error_feedback_gain` (an upload carries the residual too), which
+      an honest upload reaches with probability < e^-25 per step. Client
+      level clips at `l2_norm_clip` instead.
     min_clients: a round with fewer devices whose data reads is skipped
       (charged once, nothing released); see `DPSparseFedAvg.next`.
     audit: `AuditHooks` for `tf-dpsparse audit` only (canary clients, uploads

@@ -180,11 +180,12 @@ class ExampleLevelDP:
 
   def update_norm_bound(self, size: int, learning_rate: float,
                         momentum: float = 0.0) -> float:
-    """A bound no honest device's round update exceeds (w.p. 1 - e^-50).
+    """A bound an honest device's round update exceeds w.p. < e^-25 a step.
 
     A step's noised mean has norm at most C (1 + 10 / sqrt(B)) (a Poisson
-    batch above B + 10 sqrt(B) examples has probability < e^-50) plus the
-    noise's z C (sqrt(size) + 10) / B (Gaussian norm concentration); SGD
+    batch above B + 10 sqrt(B) examples has probability < e^-25 for B >= 16,
+    Bernstein) plus the noise's z C (sqrt(size) + 10) / B (Gaussian norm
+    concentration, < e^-50); SGD
     moves by the learning rate times that, momentum by 1 / (1 - momentum)
     at most, `local_steps` times. The server zeroes any update above it: a
     hostile device gains nothing, an honest one is never touched.
