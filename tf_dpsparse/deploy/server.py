@@ -228,13 +228,10 @@ class DeploymentServer:
     max_update_norm: example level or no privacy: an accepted update whose
       L2 norm exceeds it is zeroed (TFF's `zeroing_factory`). None: only
       non-finite updates are. For devices running DP-SGD with SGD (a
-      `LiteClient`), `privacy.update_norm_bound(size, learning_rate,
-      momentum)` with their learning rate and momentum bounds one round's
-      update (w.p. 1 - e^-50; the TFF front's default). An upload also
-      carries the device's residual (error feedback), which can take it
-      past that (seen: 1.5-1.9x at noise multipliers <= 0.1); without
-      wire rounding, top-k keeps a `upload_density` share of the energy,
-      so `bound / (1 - sqrt(1 - upload_density))` always holds.
+      `LiteClient`), the TFF front's default is `privacy.update_norm_bound(
+      size, learning_rate, momentum) * core.error_feedback_gain(upload_k,
+      size, value_bits)`: one round's update bound, times what the device's
+      residual can add to an upload.
       Client level clips at `privacy.l2_norm_clip` instead: refused there.
     min_clients: a round with fewer accepted uploads is skipped (model
       untouched). Privacy: the skip depends on how many devices reported,
