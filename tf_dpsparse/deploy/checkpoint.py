@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import tensorflow as tf
+
+from tf_dpsparse._atomic import write_atomically
 
 FORMAT = 'tf_dpsparse.DeploymentServer'
 VERSION = 1
@@ -75,44 +76,6 @@ def query_state_from_arrays(like, arrays) -> object:
   return tf.nest.pack_sequence_as(like, [
       tf.constant(arrays[key], dtype=tf.as_dtype(leaf.dtype))
       for key, leaf in zip(saved, leaves)])
-
-
-def _fsync_directory(directory: str) -> None:
-  """Makes the rename itself durable (POSIX); a no-op where unsupported."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def write_atomically(path: str, write: Callable) -> None:
-  """Calls `write(file)` on a temporary file beside `path`, then renames it.
-
-  The file is flushed and fsynced before `os.replace`, so `path` is always
-  a complete checkpoint: the old one until the rename, the new one after.
-  """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix=f'.{os.path.basename(path)}.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  _fsync_directory(directory)
 
 
 def save(path: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:

@@ -52,12 +52,12 @@ import importlib.metadata
 import json
 import os
 import re
-import secrets
 import shutil
 from typing import Any, Optional
 
 import numpy as np
 
+from tf_dpsparse._atomic import write_text_atomically
 from tf_dpsparse.config import RunConfig
 
 CHECKPOINT_DIR = 'checkpoint'
@@ -129,24 +129,6 @@ def discard(out: str, label: str) -> bool:
   return True
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file in the same directory
-  and one rename: a reader sees the old file or the new one, never half."""
-  folder, name = os.path.split(path)
-  os.makedirs(folder or '.', exist_ok=True)
-  temporary = os.path.join(folder, f'.{name}.{secrets.token_hex(4)}.partial')
-  try:
-    with open(temporary, 'x') as f:  # the umask's mode, unlike mkstemp's
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-
-
 def _wait(coroutine):
   """Runs one of the manager's coroutines to its end, also from code that
   already runs an event loop (a notebook), where `asyncio.run` refuses."""
@@ -190,7 +172,7 @@ class RunCheckpoint:
       if entry.startswith(_PREFIX) and '_temp' in entry:
         shutil.rmtree(os.path.join(self.path, entry), ignore_errors=True)
     if not self.existed:
-      write_atomically(os.path.join(self.path, _RUN),
+      write_text_atomically(os.path.join(self.path, _RUN),
                        json.dumps(identity(label, config), indent=1))
     import tensorflow_federated as tff  # pylint: disable=import-outside-toplevel
     self._manager = tff.program.FileProgramStateManager(
@@ -243,7 +225,7 @@ class RunCheckpoint:
 
   def complete(self, result: dict) -> None:
     """Records the finished run's result, last and atomically."""
-    write_atomically(os.path.join(self.path, _RESULT),
+    write_text_atomically(os.path.join(self.path, _RESULT),
                      json.dumps(result, indent=1))
 
 

@@ -32,6 +32,7 @@ import tensorflow_federated as tff
 from tf_dpsparse import core
 from tf_dpsparse import data as data_lib
 from tf_dpsparse import models
+from tf_dpsparse._atomic import write_text_atomically
 from tf_dpsparse.config import DEFAULT_TARGET_EPSILON  # noqa: F401 re-export
 from tf_dpsparse.config import RunConfig
 from tf_dpsparse.federated import checkpoint as checkpoint_lib
@@ -444,10 +445,8 @@ def save(results: List[dict], out_dir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   paths = {name: os.path.join(out_dir, name)
            for name in ('rounds.json', 'summary.md', 'accuracy.png')}
-  checkpoint_lib.write_atomically(paths['rounds.json'],
-                                  json.dumps(results, indent=1))
-  checkpoint_lib.write_atomically(paths['summary.md'],
-                                  summary_table(results) + '\n')
+  write_text_atomically(paths['rounds.json'], json.dumps(results, indent=1))
+  write_text_atomically(paths['summary.md'], summary_table(results) + '\n')
   partial = os.path.join(out_dir, '.accuracy.partial.png')
   plot(results, partial)
   os.replace(partial, paths['accuracy.png'])
