@@ -315,3 +315,17 @@ def test_sigkill_mid_training_then_the_same_command_resumes_exactly(tmp_path):
   assert sum(e['count'] for e in result['ledger']['entries']) == 8
   assert _rows(result) == _rows(expected)
   _assert_same_final_state(path, checkpoint.directory(str(whole), LABEL))
+
+
+def test_dropouts_below_min_clients_skip_rounds_charged_once():
+  """Half the sampled devices never report; rounds below min_clients are
+  skipped without a row, each round charged exactly once either way."""
+  config = RunConfig(dataset='digits', rounds=6, privacy='client',
+                     clients_per_round=5, l2_norm_clip=1.0, dropout_rate=0.5,
+                     min_clients=3, seed=1)
+  result = simulation.run(config, progress=False)
+  ran = [r['round'] for r in result['rounds']]
+  assert 0 < len(ran) < 6  # some rounds ran, some were skipped
+  assert all(r['clients'] >= 3 for r in result['rounds'])
+  counts = sum(entry['count'] for entry in result['ledger']['entries'])
+  assert counts == 6  # every round charged once, skipped ones included

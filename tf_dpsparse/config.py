@@ -142,6 +142,12 @@ class RunConfig:
       None, 'tests and reproductions only: draw the DP noise from this seed '
       '(anyone who knows it can subtract the noise, so a seeded run is not '
       'private)', valid=NON_NEGATIVE, default_text='OS entropy')
+  dropout_rate: float = _field(
+      0.0, 'simulated failures: each sampled device never reports with this '
+      'probability (drawn from the sampling RNG)', valid=FRACTION)
+  min_clients: int = _field(
+      1, 'a round with fewer reporting devices is skipped: nothing '
+      'released, its ε charged once', valid=AT_LEAST_ONE)
 
   def __post_init__(self):
     """Validates and resolves the config, the one place either happens.

@@ -206,12 +206,16 @@ def _round(config: RunConfig, fed, process, scorer: _Scorer,
            progress: checkpoint_lib.Progress) -> Optional[dict]:
   """Runs round `progress.done + 1` and advances `progress`; returns its row,
   or None for a round whose Poisson sample is empty: it releases nothing, is
-  skipped (`process.skip_round()` still charges its ε) and leaves no row."""
+  skipped (`process.skip_round()` still charges its ε) and leaves no row;
+  so does a round with fewer than `min_clients` devices reporting (after
+  the simulated `dropout_rate`, or with data that cannot be read)."""
   client_ids = list(fed.client_ids)
   round_num, rng = progress.done + 1, progress.rng
   sampled = _sample(config, client_ids,
                     config.clients_per_round or len(client_ids), rng)
-  if not sampled:  # Poisson sampling drew nobody: nothing is released
+  if config.dropout_rate:  # devices that never report
+    sampled = [c for c in sampled if rng.random() >= config.dropout_rate]
+  if len(sampled) < config.min_clients:  # nothing is released
     process.skip_round()
     progress.done = round_num
     return None
@@ -222,6 +226,11 @@ def _round(config: RunConfig, fed, process, scorer: _Scorer,
        for c in sampled],
       progress.store.get([client_ids.index(c) for c in sampled]))
   seconds = time.perf_counter() - start
+  if out.metrics.get('skipped'):  # too few could be read; charged once
+    print(f'round {round_num} skipped: {out.metrics["skipped"]}',
+          file=sys.stderr)
+    progress.done = round_num
+    return None
   progress.store.put(out.client_states)
   progress.state = out.state
   test_loss, accuracy = scorer.server(process, out.state)
