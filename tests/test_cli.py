@@ -393,3 +393,15 @@ def test_restart_deletes_every_runs_checkpoint_before_the_first_trains(
   with pytest.raises(_Stop):
     cli.main([*RUN, '--out', str(out), '--restart'])
   assert seen == [[False, False]]
+
+
+def test_a_refused_budget_is_one_line_and_exit_2(monkeypatch, capsys):
+  from tf_dpsparse import privacy
+
+  def refuse(args):
+    del args
+    raise privacy.BudgetExhaustedError('refused: spent 8, remaining 0')
+
+  monkeypatch.setattr(cli, '_epsilon', refuse)
+  assert cli.main(['epsilon', '-z', '1', '-q', '0.1', '--steps', '1']) == 2
+  assert 'error: refused: spent 8, remaining 0' in capsys.readouterr().err

@@ -308,17 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs a command; a ValueError (a refused request) becomes one line on
-  stderr and exit code 2, as argparse's own errors do."""
+  """Runs a command; a ValueError (a refused request) or a refused privacy
+  budget becomes one line on stderr and exit code 2, as argparse's own
+  errors do."""
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   if args.command == 'bench':  # its flags are paper_table's
     return _bench(args, rest)
   if rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
+  # After parsing, so --help never loads dp_accounting.
+  from tf_dpsparse.privacy.ledger import BudgetExhaustedError  # pylint: disable=import-outside-toplevel
   try:
     return args.func(args)
-  except ValueError as e:
+  except (ValueError, BudgetExhaustedError) as e:
     print(f'tf-dpsparse {args.command}: error: {e}', file=sys.stderr)
     return 2
 
