@@ -274,6 +274,48 @@ def _add_data(sub) -> None:
   data.set_defaults(func=_data)
 
 
+def _worker_launcher():
+  """`tf_dpsparse/federated/_workers.py` alone, loaded from its file:
+  importing it as `tf_dpsparse.federated._workers` would first run
+  `tf_dpsparse.federated`, i.e. import TFF (9 s, 580 MB here) into a
+  process that only waits on TFF's C++ binary. It imports only the
+  standard library."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(tf_dpsparse.__file__), 'federated',
+                      '_workers.py')
+  spec = importlib.util.spec_from_file_location('_tf_dpsparse_workers', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _worker(args) -> int:
+  """Serves TFF's executor service on `--port` until SIGINT/SIGTERM."""
+  return _worker_launcher().serve(
+      args.port,
+      max_concurrent_computation_calls=args.max_concurrent_computation_calls,
+      announce=lambda line: print(line, flush=True))
+
+
+def _add_worker(sub) -> None:
+  worker = sub.add_parser(
+      'worker', formatter_class=_Formatter,
+      help='serve one TFF executor worker for `run --workers` elsewhere',
+      description='Starts TFF\'s C++ executor service (worker_binary) on '
+      '--port, listening on every interface, and stops it on SIGINT or '
+      'SIGTERM. Drivers reach it with `tf-dpsparse run --workers '
+      'host:port,...` or `tds.federated.use_workers([...])`; the port must '
+      'be reachable from the driver, and the worker runs the TFF and '
+      'TensorFlow versions the driver runs.')
+  worker.add_argument('--port', type=int, required=True,
+                      help='TCP port to serve on')
+  worker.add_argument('--max-concurrent-computation-calls', type=int,
+                      default=-1, help='TFF\'s limit on concurrent calls '
+                      '(<= 0: none)')
+  worker.set_defaults(func=_worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The `tf-dpsparse` parser; building it imports nothing heavy."""
   parser = argparse.ArgumentParser(
@@ -300,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_data(sub)
   _add_audit(sub)
+  _add_worker(sub)
   sub.add_parser(  # flags parsed by tf_dpsparse.baselines.paper_table; see main()
       'bench', add_help=False,
       help='the paper table: ours vs FedAvg, DP-FedAvg, 8-bit, DSSGD, '

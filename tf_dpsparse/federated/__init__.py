@@ -15,11 +15,12 @@ from tf_dpsparse.federated.distributor import topk_catch_up_payload
 from tf_dpsparse.federated.learning import DPSparseFedAvg
 from tf_dpsparse.federated.learning import build_dp_sparse_fed_avg
 from tf_dpsparse.federated.learning import num_shared
+from tf_dpsparse.federated.remote import use_workers
 
 _workers.install()
 
 __all__ = [
     'ClientStateStore', 'DPSparseAggregatorFactory', 'DPSparseFedAvg',
     'build_dp_sparse_fed_avg', 'build_sparse_distributor', 'num_shared',
-    'sparse_type', 'topk_catch_up_payload'
+    'sparse_type', 'topk_catch_up_payload', 'use_workers'
 ]

@@ -258,3 +258,81 @@ def install() -> None:
       signal.signal(signal.SIGTERM, _on_sigterm)
   except ValueError:  # not the main thread
     pass
+
+
+# `tf-dpsparse worker`: one TFF executor service, for `use_workers` on other
+# processes or machines. It is TFF's own `worker_binary`, started as TFF's
+# local factory starts it, as a child that dies with this process.
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def worker_binary_path() -> str:
+  """TFF's `worker_binary`, where TFF's local factory looks for it.
+
+  That is `tensorflow_federated/data/worker_binary` (executor_factory.py:
+  four levels up from itself, then `data`), found here without importing
+  TFF, which would load TensorFlow into a process that only waits.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec('tensorflow_federated')
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError('tensorflow_federated is not installed.')
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'data',
+                      _WORKER_NAME)
+  if not os.path.isfile(path):
+    raise RuntimeError(f'Expected a TFF worker binary at {path}.')
+  return path
+
+
+def _listening(port: int) -> bool:
+  """Whether something accepts TCP connections on 127.0.0.1:`port`."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.settimeout(0.2)
+    return s.connect_ex(('127.0.0.1', port)) == 0
+
+
+def _stop(child: subprocess.Popen, timeout: float) -> int:
+  """SIGINT (how TFF stops its worker), then SIGKILL after `timeout`."""
+  for sig in (signal.SIGINT, signal.SIGKILL):
+    if child.poll() is None:
+      child.send_signal(sig)
+    try:
+      return child.wait(timeout)
+    except subprocess.TimeoutExpired:
+      continue
+  return child.wait()
+
+
+def serve(port: int, *, max_concurrent_computation_calls: int = -1,
+          timeout: float = 5.0,
+          announce: Callable[[str], None] = print) -> int:
+  """Runs one TFF executor service on `port` until SIGINT or SIGTERM.
+
+  The service is a child (`WorkerPopen`: killed by the kernel if this
+  process is SIGKILLed); a stop signal stops it (SIGINT, then SIGKILL after
+  `timeout`) and returns 0. Returns the service's own exit code if it ends
+  first (a port in use, say). `announce` gets one line once it listens.
+  """
+  stop, previous, child = threading.Event(), {}, None
+  # Before the fork: a handled signal is reset to the default in the exec'd
+  # child, while one ignored here (`cmd &` ignores SIGINT) would stay ignored.
+  for sig in _STOP_SIGNALS:
+    previous[sig] = signal.signal(sig, lambda *_: stop.set())
+  try:
+    child = WorkerPopen([
+        worker_binary_path(), f'--port={port}',
+        f'--max_concurrent_computation_calls={max_concurrent_computation_calls}'])
+    announced = False
+    while child.poll() is None and not stop.wait(0.1):
+      if not announced and _listening(port):
+        announce(f'tf-dpsparse worker: TFF executor service on port {port} '
+                 f'(pid {child.pid}); SIGINT or SIGTERM stops it')
+        announced = True
+    return 0 if child.poll() is None else child.returncode
+  finally:
+    if child is not None and child.poll() is None:
+      _stop(child, timeout)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
