@@ -49,6 +49,16 @@ FRACTION = Rule('in [0, 1)', lambda v: 0 <= v < 1)
 PROBABILITY = Rule('in (0, 1)', lambda v: 0 < v < 1)
 
 
+def _worker_addresses(text: str) -> bool:
+  """`host:port,host:port`: what `tds.federated.use_workers` reaches."""
+  addresses = [a.strip() for a in text.split(',')]
+  return all(a.rpartition(':')[0] and a.rpartition(':')[2].isdigit() and
+             0 < int(a.rpartition(':')[2]) < 65536 for a in addresses)
+
+
+WORKER_ADDRESSES = Rule('host:port,host:port', _worker_addresses)
+
+
 def _field(default, help_text: str, **metadata):
   """A dataclass field whose metadata carries its help (and rules)."""
   return dataclasses.field(default=default,
@@ -148,6 +158,16 @@ class RunConfig:
   min_clients: int = _field(
       1, 'a round with fewer reporting devices is skipped: nothing '
       'released, its ε charged once', valid=AT_LEAST_ONE)
+  workers: Optional[str] = _field(
+      None, 'run the rounds on these TFF executor workers (`tf-dpsparse '
+      'worker --port P` on each), the sampled devices split among them',
+      valid=WORKER_ADDRESSES, metavar='HOST:PORT,HOST:PORT',
+      default_text='one local worker')
+  client_state_path: Optional[str] = _field(
+      None, 'keep every device\'s state (residual, view) in files memory-'
+      'mapped at this path, so memory grows with the devices per round, '
+      'not with all the devices', metavar='FILE',
+      default_text='in memory')
 
   def __post_init__(self):
     """Validates and resolves the config, the one place either happens.

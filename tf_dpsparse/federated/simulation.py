@@ -18,6 +18,7 @@ can read its defaults cheaply) and is re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -195,7 +196,7 @@ def _start(config: RunConfig, fed, process) -> checkpoint_lib.Progress:
   state = process.initialize()
   own_views = getattr(process, 'catch_up', None) == 'topk'
   store = ClientStateStore(
-      len(fed.client_ids), process.size,
+      len(fed.client_ids), process.size, path=config.client_state_path,
       initial_view=process.get_public_weights(state) if own_views else None)
   return checkpoint_lib.Progress(
       done=0, state=state, store=store, rng=np.random.default_rng(config.seed),
@@ -327,6 +328,15 @@ def _mid_run(checkpoint, process, label: str):
   return None
 
 
+def _execution_context(config: RunConfig):
+  """Where the rounds run: on `config.workers` (TFF's remote executors,
+  `tf_dpsparse.federated.remote`), else in TFF's local worker."""
+  if config.workers is None:
+    return contextlib.nullcontext()
+  from tf_dpsparse.federated import remote  # pylint: disable=g-import-not-at-top
+  return remote.use_workers(config.workers)
+
+
 def run(config: RunConfig, *, progress: bool = True,
         label: Optional[str] = None,
         builder: Callable = build_dp_sparse_fed_avg,
@@ -371,9 +381,10 @@ def run(config: RunConfig, *, progress: bool = True,
                           builder=builder)
   scorer = _Scorer(keras_model(), fed.test_arrays())
   bar = _progress_bar(config, progress, label)
-  done = _train(config, fed, process, scorer, bar, label=name,
-                checkpoint=_mid_run(checkpoint, process, name),
-                after_round=after_round)
+  with _execution_context(config):
+    done = _train(config, fed, process, scorer, bar, label=name,
+                  checkpoint=_mid_run(checkpoint, process, name),
+                  after_round=after_round)
   if bar is not None:
     bar.close()
   result = _result(config, name, process, scorer, done)
