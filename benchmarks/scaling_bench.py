@@ -1,0 +1,306 @@
+"""Memory and time of rounds as the population grows, on 0, 1 or 2 workers.
+
+Issue 19, item 3: with the client-state store memory-mapped on disk
+(`ClientStateStore(path=...)`, `tf-dpsparse run --client-state-path`), the
+resident memory of the driver and of TFF's workers must grow with the
+devices *per round*, not with the devices that exist. This runs a few
+client-level DP rounds (Poisson sampling at rate per_round / total) on MNIST
+for each population size and worker count, each in a fresh process, and
+records every process's peak resident memory and the seconds per round.
+
+Why not `tf-dpsparse run`: `tds.data.load` splits MNIST's 60,000 training
+images without overlap and redraws any split leaving a device empty, which
+at 10,000 devices (6 images each on average) never succeeds. Here device i
+is drawn lazily from (seed, i) when it is sampled: its label mix p_i ~
+Dirichlet(alpha), 1 + Poisson(60,000 / total - 1) images drawn from the
+classes by p_i (devices may share images). Nothing is kept per device but
+its row in the store, so only the store can grow with the population: that
+is what is measured. A round otherwise does what `simulation.run` does
+(its `build_process` and `device_dataset`).
+
+Memory is read from /proc: VmHWM (peak resident) of the driver and of each
+TFF `worker_binary` (the local one, or the services behind `tf-dpsparse
+worker`), and the driver's anonymous memory sampled every 0.1 s apart from
+its file-backed pages (a memory-mapped store's touched rows count as
+resident file pages, which the kernel can drop; anonymous memory cannot).
+
+Run: `python benchmarks/scaling_bench.py` (defaults: totals 1,000 and
+10,000, 50 devices per round, 4 rounds, 0 and 2 workers); results to
+benchmarks/results/scaling_bench.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+MB = 1024 * 1024
+
+
+def _status(pid) -> dict:
+  """/proc/<pid>/status memory lines, in bytes (empty once it is gone)."""
+  values = {}
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        name, _, rest = line.partition(':')
+        if name in ('VmHWM', 'VmRSS', 'RssAnon', 'RssFile'):
+          values[name] = int(rest.split()[0]) * 1024
+  except OSError:
+    pass
+  return values
+
+
+class Sampler:
+  """Peaks of RssAnon / RssFile of `pids()` every `interval` s (a thread)."""
+
+  def __init__(self, pids, interval: float = 0.1):
+    self._pids, self._interval = pids, interval
+    self.peaks = {}
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    while not self._stop.wait(self._interval):
+      self.sample()
+
+  def sample(self):
+    for pid in self._pids():
+      peak = self.peaks.setdefault(pid, {})
+      for name, value in _status(pid).items():
+        peak[name] = max(peak.get(name, 0), value)
+
+  def stop(self) -> dict:
+    self._stop.set()
+    self._thread.join()
+    self.sample()
+    return self.peaks
+
+
+def device_examples(pools, device: int, *, total: int, seed: int,
+                    alpha: float, num_examples: int):
+  """Device `device`'s image indices, drawn from (seed, device) alone: a
+  Dirichlet(alpha) label mix, 1 + Poisson(num_examples / total - 1)
+  images. `pools[c]` holds class c's indices."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng([seed, device])
+  mix = rng.dirichlet(np.full(len(pools), alpha))
+  size = 1 + rng.poisson(max(num_examples / total - 1, 0))
+  labels = rng.choice(len(pools), size, p=mix)
+  return np.array([pools[c][rng.integers(len(pools[c]))] for c in labels])
+
+
+def _start_workers(count: int, log_dir: str):
+  """`count` `tf-dpsparse worker` processes on free ports, once listening."""
+  import portpicker  # pylint: disable=import-outside-toplevel
+  procs = []
+  for _ in range(count):
+    port = portpicker.pick_unused_port()
+    log = open(os.path.join(log_dir, f'worker-{port}.log'), 'wb')  # pylint: disable=consider-using-with
+    procs.append((f'127.0.0.1:{port}', log.name, subprocess.Popen(
+        [sys.executable, '-m', 'tf_dpsparse.cli', 'worker', '--port',
+         str(port)], stdout=log, stderr=subprocess.STDOUT)))
+  deadline = time.monotonic() + 120
+  for _, name, proc in procs:
+    while b'executor service on port' not in open(name, 'rb').read():
+      if proc.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f'worker did not start: {open(name).read()}')
+      time.sleep(0.1)
+  return procs
+
+
+def _stop_workers(procs) -> None:
+  for _, _, proc in procs:
+    proc.terminate()
+  for _, _, proc in procs:
+    try:
+      proc.wait(15)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+def _setup(args, store_path: str):
+  """(config, fed, process, store, pools) for one measurement."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tf_dpsparse import config as config_lib  # pylint: disable=import-outside-toplevel
+  from tf_dpsparse import data  # pylint: disable=import-outside-toplevel
+  from tf_dpsparse.federated import ClientStateStore  # pylint: disable=import-outside-toplevel
+  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
+  config = config_lib.RunConfig(
+      dataset='mnist', rounds=args.rounds, num_clients=args.total,
+      partition='iid', privacy='client', clients_per_round=args.per_round,
+      noise_multiplier=1.0, seed=args.seed, client_state_path=store_path)
+  fed = data.load('mnist', num_clients=10, partition='iid', seed=args.seed)
+  _, model_fn = simulation.model_fns(fed, args.seed)
+  process = simulation.build_process(config, model_fn,
+                                     total_clients=args.total,
+                                     min_client_examples=None)
+  store = ClientStateStore(args.total, process.size, path=store_path)
+  labels = fed.train_arrays()[1]
+  pools = [np.flatnonzero(labels == c) for c in range(fed.num_classes)]
+  return config, fed, process, store, pools
+
+
+def _rounds(args, config, fed, process, store, pools) -> list:
+  """Runs the rounds; returns [(devices, seconds)] per round run."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tf_dpsparse import data  # pylint: disable=import-outside-toplevel
+  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
+  x, y = fed.train_arrays()
+  rng, state, rows = np.random.default_rng(args.seed), process.initialize(), []
+  for _ in range(args.rounds):
+    sampled = data.sample_clients(list(range(args.total)), rng=rng,
+                                  rate=args.per_round / args.total)
+    if not sampled:
+      process.skip_round()
+      continue
+    datasets = []
+    for device in sampled:
+      idx = device_examples(pools, device, total=args.total, seed=args.seed,
+                            alpha=args.alpha, num_examples=len(y))
+      datasets.append(simulation.device_dataset(
+          tf.data.Dataset.from_tensor_slices((x[idx], y[idx])), len(idx),
+          config, rng))
+    start = time.perf_counter()
+    out = process.next(state, datasets, store.get(sampled))
+    rows.append((len(sampled), time.perf_counter() - start))
+    store.put(out.client_states)
+    state = out.state
+  return rows
+
+
+def measure(args) -> dict:
+  """One measurement in this process: the rounds, peaks, seconds."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    procs = _start_workers(args.workers, tmp) if args.workers else []
+    try:
+      from tf_dpsparse.federated import _workers  # pylint: disable=import-outside-toplevel
+      from tf_dpsparse.federated import remote  # pylint: disable=import-outside-toplevel
+      services = lambda: [os.getpid(), *_workers.worker_pids(), *[  # noqa: E731
+          pid for _, _, p in procs for pid in _workers.worker_pids(p.pid)]]
+      sampler = Sampler(services)
+      store_path = os.path.join(tmp, 'residuals.npy')
+      setup = _setup(args, store_path)
+      if procs:
+        with remote.use_workers([address for address, _, _ in procs]):
+          rows = _rounds(args, *setup)
+      else:
+        rows = _rounds(args, *setup)
+      peaks = sampler.stop()
+      on_disk = os.stat(store_path)
+    finally:
+      _stop_workers(procs)
+  return _row(args, setup[2].size, rows, peaks, on_disk)
+
+
+def _row(args, size: int, rows, peaks, on_disk) -> dict:
+  """The JSON row of one measurement."""
+  driver = peaks.pop(os.getpid())
+  later = [s for _, s in rows[1:]] or [s for _, s in rows]
+  return {
+      'total_devices': args.total, 'per_round': args.per_round,
+      'workers': args.workers, 'parameters': size,
+      'devices_per_round': [n for n, _ in rows],
+      'seconds_per_round': [round(s, 3) for _, s in rows],
+      'mean_seconds_after_first': sum(later) / len(later),
+      'driver_peak_mb': driver.get('VmHWM', 0) / MB,
+      'driver_peak_anon_mb': driver.get('RssAnon', 0) / MB,
+      'driver_peak_file_mb': driver.get('RssFile', 0) / MB,
+      'worker_peak_mb': [p.get('VmHWM', 0) / MB for p in peaks.values()],
+      'worker_peak_anon_mb': [p.get('RssAnon', 0) / MB
+                              for p in peaks.values()],
+      'store_file_mb': on_disk.st_size / MB,
+      'store_on_disk_mb': on_disk.st_blocks * 512 / MB,
+  }
+
+
+def table(rows) -> str:
+  """A markdown table of the measurements."""
+  lines = ['| devices | per round (sampled) | workers | s/round (after 1st) '
+           '| driver peak MB (anon) | worker peak MB | store file MB '
+           '(on disk) |', '| --- | --- | --- | --- | --- | --- | --- |']
+  for r in rows:
+    workers = ' + '.join(f'{m:.0f}' for m in r['worker_peak_mb'])
+    lines.append(
+        f'| {r["total_devices"]:,} | {r["per_round"]} '
+        f'({", ".join(map(str, r["devices_per_round"]))}) | '
+        f'{r["workers"] or "local"} | {r["mean_seconds_after_first"]:.2f} | '
+        f'{r["driver_peak_mb"]:.0f} ({r["driver_peak_anon_mb"]:.0f}) | '
+        f'{workers} | {r["store_file_mb"]:.0f} '
+        f'({r["store_on_disk_mb"]:.0f}) |')
+  return '\n'.join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--totals', type=int, nargs='+', default=[1000, 10000],
+                      help='simulated devices that exist')
+  parser.add_argument('--per-round', type=int, default=50,
+                      help='expected devices per round (Poisson)')
+  parser.add_argument('--rounds', type=int, default=4)
+  parser.add_argument('--workers', type=int, nargs='+', default=[0, 2],
+                      help='0: TFF\'s local worker; n: n `tf-dpsparse '
+                      'worker` processes on 127.0.0.1')
+  parser.add_argument('--alpha', type=float, default=0.5,
+                      help='Dirichlet concentration of a device\'s labels')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--tmp', default=None,
+                      help='where the memory-mapped store goes')
+  parser.add_argument('--timeout', type=float, default=1200,
+                      help='seconds per measurement')
+  parser.add_argument('--out', default=RESULTS)
+  parser.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--total', type=int, help=argparse.SUPPRESS)
+  return parser
+
+
+def _child(args, total: int, workers: int) -> dict:
+  """`measure` in a fresh process, so each peak is its own."""
+  argv = [sys.executable, os.path.abspath(__file__), '--one', '--total',
+          str(total), '--workers', str(workers), '--per-round',
+          str(args.per_round), '--rounds', str(args.rounds), '--alpha',
+          str(args.alpha), '--seed', str(args.seed),
+          *(['--tmp', args.tmp] if args.tmp else [])]
+  done = subprocess.run(argv, stdout=subprocess.PIPE, timeout=args.timeout,
+                        check=True)
+  return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.one:
+    args.workers = args.workers[0]
+    print(json.dumps(measure(args)), flush=True)
+    return 0
+  rows = []
+  for workers in args.workers:
+    for total in args.totals:
+      rows.append(_child(args, total, workers))
+      print(table(rows[-1:]).splitlines()[-1], flush=True)
+  when = datetime.date.today().isoformat()
+  command = 'python benchmarks/scaling_bench.py ' + ' '.join(
+      sys.argv[1:] if argv is None else argv)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'scaling_bench.json'), 'w') as f:
+    json.dump({'date': when, 'command': command, 'rows': rows}, f, indent=1)
+  text = f'{table(rows)}\n\n`{command.strip()}`, {when}, {os.cpu_count()} cores\n'
+  with open(os.path.join(args.out, 'scaling_bench.md'), 'w') as f:
+    f.write(text)
+  print('\n' + text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
