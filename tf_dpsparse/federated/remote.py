@@ -39,12 +39,15 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.compiler import building_blocks
+from tensorflow_federated.python.core.impl.compiler import tree_analysis
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.types import type_analysis
+from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 # TFF's own channel options for its worker (executor_factory.py): values of
 # up to 2 GB each way.
@@ -152,25 +155,96 @@ async def _in_order(comp, arg_list, contexts):
       list(results), result_type_spec=result_type)
 
 
+# TensorFlow ops that draw from OS entropy (stateful, unseeded): running a
+# computation with one of them twice gives two different draws.
+_UNSEEDED_RANDOM_OPS = frozenset({
+    'RandomUniform', 'RandomUniformInt', 'RandomStandardNormal',
+    'TruncatedNormal', 'ParameterizedTruncatedNormal', 'RandomShuffle',
+    'RandomGamma', 'RandomPoisson', 'RandomPoissonV2', 'Multinomial',
+    'NonDeterministicInts', 'RngReadAndSkip', 'RngSkip',
+    'StatefulStandardNormalV2', 'StatefulUniform', 'StatefulUniformInt',
+    'StatefulUniformFullInt', 'StatefulTruncatedNormal'})
+
+
+class RecomputedRandomnessError(ValueError):
+  """A round whose device work TFF's mergeable form would run twice, with
+  two different random draws."""
+
+
+def _unseeded_work(comp) -> dict:
+  """{serialized TF computation: its unseeded random ops} within `comp`."""
+  found = {}
+
+  def visit(block):
+    if isinstance(block, building_blocks.CompiledComputation) and (
+        block.proto.WhichOneof('computation') == 'tensorflow'):
+      graph = serialization_utils.unpack_graph_def(
+          block.proto.tensorflow.graph_def)
+      ops = {n.op for n in graph.node}
+      for function in graph.library.function:
+        ops.update(n.op for n in function.node_def)
+      if ops & _UNSEEDED_RANDOM_OPS:
+        found[block.proto.SerializeToString()] = ops & _UNSEEDED_RANDOM_OPS
+    return False
+
+  tree_analysis.contains(comp.to_building_block(), visit)
+  return found
+
+
+def _mergeable_form(comp):
+  """TFF's mergeable form of `comp`, refused when a computation drawing
+  unseeded random numbers runs both before and after the merge.
+
+  TFF splits a round at its one aggregation: `after_merge` gets only the
+  round's arguments and the merged aggregate, so a device's new state (its
+  residual) is computed again there, by the same device work that produced
+  its upload before the merge. With seeded randomness both runs agree; with
+  OS entropy (DP-SGD noise and example sampling on the device) the kept
+  residual would belong to another noise draw than the upload sent, and a
+  second noised view of the device's data would reach later rounds.
+  """
+  form = mergeable_comp_compiler.compile_to_mergeable_comp_form(comp)
+  before = _unseeded_work(form.up_to_merge)
+  twice = before.keys() & _unseeded_work(form.after_merge).keys()
+  if twice:
+    ops = sorted(set().union(*(before[k] for k in twice)))
+    raise RecomputedRandomnessError(
+        'this round cannot be spread over several workers: TFF\'s mergeable '
+        'form runs the devices\' work twice (before the merge for the '
+        'aggregate, after it for their new states), and that work draws '
+        f'unseeded random numbers ({", ".join(ops)}), so a device would keep '
+        'a residual of another draw than the update it sent. Use one '
+        'worker, or seed the noise (build_dp_sparse_fed_avg(seed=...), '
+        '--noise-seed: tests only, not private).')
+  return form
+
+
+def _takes_clients(comp) -> bool:
+  parameter = comp.type_signature.parameter
+  return parameter is not None and type_analysis.contains(
+      parameter, lambda t: isinstance(t, tff.FederatedType) and (
+          t.placement is tff.CLIENTS))
+
+
 class _InOrder(mergeable.MergeableCompExecutionContext):
   """TFF's mergeable context with one slice per worker, kept in order."""
 
   def __init__(self, async_contexts):
-    super().__init__(
-        async_contexts,
-        compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
-        transform_result=tensorflow_computation.transform_result)
+    super().__init__(async_contexts, compiler_fn=_mergeable_form,
+                     transform_result=tensorflow_computation.transform_result)
 
   def invoke(self, comp, arg=None):
-    comp = self._compiler_pipeline.compile(comp)
+    """Runs `comp` over the workers; one without client-placed arguments
+    (`initialize`) has nothing to split and runs whole on the first."""
     contexts = self._async_execution_contexts
-    if arg is None:
-      arg_list = [None]
-    else:
-      arg = tensorflow_computation.transform_args(arg)
-      arg_list = mergeable.MergeableCompExecutionContextValue(
-          arg, comp.up_to_merge.type_signature.parameter,
-          len(contexts)).value()
+    if not _takes_clients(comp):
+      return self._async_runner.run_coro_and_return_result(
+          contexts[0].invoke(comp, arg))
+    comp = self._compiler_pipeline.compile(comp)
+    arg = tensorflow_computation.transform_args(arg)
+    arg_list = mergeable.MergeableCompExecutionContextValue(
+        arg, comp.up_to_merge.type_signature.parameter,
+        len(contexts)).value()
     result = self._async_runner.run_coro_and_return_result(
         _in_order(comp, arg_list, contexts[:len(arg_list)]))
     return self._transform_result(tff.types.type_to_py_container(
