@@ -29,6 +29,9 @@ Run: `python benchmarks/scaling_bench.py` (defaults: totals 1,000 and
 benchmarks/results/scaling_bench.{json,md}.
 """
 
+# TensorFlow is imported only by the process that measures.
+# pylint: disable=import-outside-toplevel
+
 from __future__ import annotations
 
 import argparse
@@ -91,7 +94,7 @@ def device_examples(pools, device: int, *, total: int, seed: int,
   """Device `device`'s image indices, drawn from (seed, device) alone: a
   Dirichlet(alpha) label mix, 1 + Poisson(num_examples / total - 1)
   images. `pools[c]` holds class c's indices."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import numpy as np
   rng = np.random.default_rng([seed, device])
   mix = rng.dirichlet(np.full(len(pools), alpha))
   size = 1 + rng.poisson(max(num_examples / total - 1, 0))
@@ -101,11 +104,11 @@ def device_examples(pools, device: int, *, total: int, seed: int,
 
 def _start_workers(count: int, log_dir: str):
   """`count` `tf-dpsparse worker` processes on free ports, once listening."""
-  import portpicker  # pylint: disable=import-outside-toplevel
+  import portpicker
   procs = []
   for _ in range(count):
     port = portpicker.pick_unused_port()
-    log = open(os.path.join(log_dir, f'worker-{port}.log'), 'wb')  # pylint: disable=consider-using-with
+    log = open(os.path.join(log_dir, f'worker-{port}.log'), 'wb')
     procs.append((f'127.0.0.1:{port}', log.name, subprocess.Popen(
         [sys.executable, '-m', 'tf_dpsparse.cli', 'worker', '--port',
          str(port)], stdout=log, stderr=subprocess.STDOUT)))
@@ -131,11 +134,11 @@ def _stop_workers(procs) -> None:
 
 def _setup(args, store_path: str):
   """(config, fed, process, store, pools) for one measurement."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from tf_dpsparse import config as config_lib  # pylint: disable=import-outside-toplevel
-  from tf_dpsparse import data  # pylint: disable=import-outside-toplevel
-  from tf_dpsparse.federated import ClientStateStore  # pylint: disable=import-outside-toplevel
-  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  from tf_dpsparse import config as config_lib
+  from tf_dpsparse import data
+  from tf_dpsparse.federated import ClientStateStore
+  from tf_dpsparse.federated import simulation
   config = config_lib.RunConfig(
       dataset='mnist', rounds=args.rounds, num_clients=args.total,
       partition='iid', privacy='client', clients_per_round=args.per_round,
@@ -153,10 +156,10 @@ def _setup(args, store_path: str):
 
 def _rounds(args, config, fed, process, store, pools) -> list:
   """Runs the rounds; returns [(devices, seconds)] per round run."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from tf_dpsparse import data  # pylint: disable=import-outside-toplevel
-  from tf_dpsparse.federated import simulation  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  import tensorflow as tf
+  from tf_dpsparse import data
+  from tf_dpsparse.federated import simulation
   x, y = fed.train_arrays()
   rng, state, rows = np.random.default_rng(args.seed), process.initialize(), []
   for _ in range(args.rounds):
@@ -186,8 +189,8 @@ def measure(args) -> dict:
   with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
     procs = _start_workers(args.workers, tmp) if args.workers else []
     try:
-      from tf_dpsparse.federated import _workers  # pylint: disable=import-outside-toplevel
-      from tf_dpsparse.federated import remote  # pylint: disable=import-outside-toplevel
+      from tf_dpsparse.federated import _workers
+      from tf_dpsparse.federated import remote
       services = lambda: [os.getpid(), *_workers.worker_pids(), *[  # noqa: E731
           pid for _, _, p in procs for pid in _workers.worker_pids(p.pid)]]
       sampler = Sampler(services)
@@ -295,7 +298,8 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'scaling_bench.json'), 'w') as f:
     json.dump({'date': when, 'command': command, 'rows': rows}, f, indent=1)
-  text = f'{table(rows)}\n\n`{command.strip()}`, {when}, {os.cpu_count()} cores\n'
+  text = (f'{table(rows)}\n\n`{command.strip()}`, {when}, '
+          f'{os.cpu_count()} cores\n')
   with open(os.path.join(args.out, 'scaling_bench.md'), 'w') as f:
     f.write(text)
   print('\n' + text)

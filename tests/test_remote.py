@@ -233,3 +233,28 @@ def test_worker_dies_with_its_command_even_when_killed(tmp_path):
   finally:
     if worker.proc.poll() is None or not all(map(_gone, worker.pids())):
       worker.kill()
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_run_keeps_device_states_in_the_memory_mapped_file(tmp_path):
+  path, out = tmp_path / 'states.npy', str(tmp_path / 'out')
+  config = config_lib.RunConfig(
+      dataset='digits', rounds=2, privacy=None, clients_per_round=3,
+      client_state_path=str(path))
+
+  def stop(done):
+    if done == 1:
+      raise _Stop
+
+  with pytest.raises(_Stop):  # a crash after round 1's checkpoint ...
+    simulation.run(config, progress=False, out=out, after_round=stop)
+  result = simulation.run(config, progress=False, out=out)  # ... resumed
+  assert [r['round'] for r in result['rounds']] == [1, 2]
+  states = np.load(path, mmap_mode='r')
+  assert states.shape == (10, result['summary']['parameters'])
+  # Only devices that took part carry a residual (density 0.02 < 1).
+  touched = int((np.abs(states).sum(axis=1) > 0).sum())
+  assert 3 <= touched <= 6

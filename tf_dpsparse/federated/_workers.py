@@ -320,10 +320,10 @@ def serve(port: int, *, max_concurrent_computation_calls: int = -1,
   # child, while one ignored here (`cmd &` ignores SIGINT) would stay ignored.
   for sig in _STOP_SIGNALS:
     previous[sig] = signal.signal(sig, lambda *_: stop.set())
+  calls = max_concurrent_computation_calls
   try:
-    child = WorkerPopen([
-        worker_binary_path(), f'--port={port}',
-        f'--max_concurrent_computation_calls={max_concurrent_computation_calls}'])
+    child = WorkerPopen([worker_binary_path(), f'--port={port}',
+                         f'--max_concurrent_computation_calls={calls}'])
     announced = False
     while child.poll() is None and not stop.wait(0.1):
       if not announced and _listening(port):

@@ -97,14 +97,14 @@ def _stub(address: str, timeout: float):
   """A ready stub for the worker at `address`, or WorkerUnreachableError."""
   channel = grpc.insecure_channel(address, list(GRPC_OPTIONS))
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
-  deadline = time.monotonic() + timeout
+  deadline, port = time.monotonic() + timeout, address.rpartition(':')[2]
   while not stub.is_ready:
     if time.monotonic() > deadline:
       channel.close()
       raise WorkerUnreachableError(
           f'no TFF worker answered at {address} within {timeout:g} s (start '
-          f'one there with `tf-dpsparse worker --port {address.rpartition(":")[2]}`'
-          ' and check the port is reachable).')
+          f'one there with `tf-dpsparse worker --port {port}` and check the '
+          'port is reachable).')
     time.sleep(0.1)
   return stub
 
@@ -129,6 +129,7 @@ def _context_kwargs(address: str, timeout: float) -> dict:
               transform_result=tensorflow_computation.transform_result)
 
 
+# pylint: disable=protected-access  (TFF 0.87's helpers, pinned)
 async def _in_order(comp, arg_list, contexts):
   """TFF's `_invoke_mergeable_comp_form`, keeping the slices' order.
 
@@ -141,18 +142,19 @@ async def _in_order(comp, arg_list, contexts):
       for arg, context in zip(arg_list, contexts)])
   merged = partials[0]
   for partial in partials[1:]:
-    merged = await mergeable._merge_results(  # pylint: disable=protected-access
+    merged = await mergeable._merge_results(
         comp, merged, partial, contexts[0])
   result_type = comp.after_merge.type_signature.result
   if type_analysis.contains_only(result_type, lambda t: not isinstance(
       t, tff.FederatedType) or t.all_equal):
-    return await mergeable._compute_after_merged(  # pylint: disable=protected-access
+    return await mergeable._compute_after_merged(
         comp, arg_list[0], merged, contexts[0])
   results = await asyncio.gather(*[
-      mergeable._compute_after_merged(comp, arg, merged, context)  # pylint: disable=protected-access
+      mergeable._compute_after_merged(comp, arg, merged, context)
       for arg, context in zip(arg_list, contexts)])
-  return mergeable._repackage_partitioned_values(  # pylint: disable=protected-access
+  return mergeable._repackage_partitioned_values(
       list(results), result_type_spec=result_type)
+# pylint: enable=protected-access
 
 
 # TensorFlow ops that draw from OS entropy (stateful, unseeded): running a
