@@ -35,6 +35,7 @@ benchmarks/results/scaling_bench.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -183,6 +184,24 @@ def _rounds(args, config, fed, process, store, pools) -> list:
   return rows
 
 
+def _through_run(args, store_path: str, tmp: str):
+  """`simulation.run` itself (what `tf-dpsparse run` runs), on MNIST split
+  IID (`tds.data.load`; its Dirichlet split cannot make 10,000 devices),
+  checkpointing every round under `tmp` with `args.mode == 'checkpoint'`:
+  (parameters, [(devices, seconds)])."""
+  from tf_dpsparse import config as config_lib
+  from tf_dpsparse.federated import simulation
+  config = config_lib.RunConfig(
+      dataset='mnist', rounds=args.rounds, num_clients=args.total,
+      partition='iid', privacy='client', clients_per_round=args.per_round,
+      noise_multiplier=1.0, seed=args.seed, client_state_path=store_path,
+      workers=args.addresses)
+  result = simulation.run(config, progress=False, out=os.path.join(
+      tmp, 'out') if args.mode == 'checkpoint' else None)
+  return result['summary']['parameters'], [
+      (r['clients'], r['seconds']) for r in result['rounds']]
+
+
 def measure(args) -> dict:
   """One measurement in this process: the rounds, peaks, seconds."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -195,17 +214,20 @@ def measure(args) -> dict:
           pid for _, _, p in procs for pid in _workers.worker_pids(p.pid)]]
       sampler = Sampler(services)
       store_path = os.path.join(tmp, 'residuals.npy')
-      setup = _setup(args, store_path)
-      if procs:
-        with remote.use_workers([address for address, _, _ in procs]):
-          rows = _rounds(args, *setup)
+      args.addresses = ','.join(a for a, _, _ in procs) or None
+      if args.mode != 'rounds':
+        size, rows = _through_run(args, store_path, tmp)
       else:
-        rows = _rounds(args, *setup)
+        setup = _setup(args, store_path)
+        size = setup[2].size
+        with remote.use_workers(args.addresses.split(',')) if procs else (
+            contextlib.nullcontext()):
+          rows = _rounds(args, *setup)
       peaks = sampler.stop()
       on_disk = os.stat(store_path)
     finally:
       _stop_workers(procs)
-  return _row(args, setup[2].size, rows, peaks, on_disk)
+  return _row(args, size, rows, peaks, on_disk)
 
 
 def _row(args, size: int, rows, peaks, on_disk) -> dict:
@@ -213,7 +235,8 @@ def _row(args, size: int, rows, peaks, on_disk) -> dict:
   driver = peaks.pop(os.getpid())
   later = [s for _, s in rows[1:]] or [s for _, s in rows]
   return {
-      'total_devices': args.total, 'per_round': args.per_round,
+      'mode': args.mode, 'total_devices': args.total,
+      'per_round': args.per_round,
       'workers': args.workers, 'parameters': size,
       'devices_per_round': [n for n, _ in rows],
       'seconds_per_round': [round(s, 3) for _, s in rows],
@@ -231,13 +254,15 @@ def _row(args, size: int, rows, peaks, on_disk) -> dict:
 
 def table(rows) -> str:
   """A markdown table of the measurements."""
-  lines = ['| devices | per round (sampled) | workers | s/round (after 1st) '
-           '| driver peak MB (anon) | worker peak MB | store file MB '
-           '(on disk) |', '| --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['| mode | devices | per round (sampled) | workers | s/round '
+           '(after 1st) | driver peak MB (anon) | worker peak MB | store '
+           'file MB (on disk) |', '| --- | --- | --- | --- | --- | --- | '
+           '--- | --- |']
   for r in rows:
     workers = ' + '.join(f'{m:.0f}' for m in r['worker_peak_mb'])
     lines.append(
-        f'| {r["total_devices"]:,} | {r["per_round"]} '
+        f'| {r.get("mode", "rounds")} | {r["total_devices"]:,} | '
+        f'{r["per_round"]} '
         f'({", ".join(map(str, r["devices_per_round"]))}) | '
         f'{r["workers"] or "local"} | {r["mean_seconds_after_first"]:.2f} | '
         f'{r["driver_peak_mb"]:.0f} ({r["driver_peak_anon_mb"]:.0f}) | '
@@ -256,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--workers', type=int, nargs='+', default=[0, 2],
                       help='0: TFF\'s local worker; n: n `tf-dpsparse '
                       'worker` processes on 127.0.0.1')
+  parser.add_argument('--modes', nargs='+', default=['rounds'],
+                      choices=('rounds', 'run', 'checkpoint'),
+                      help='rounds: the lazy Dirichlet devices above; run: '
+                      '`simulation.run` on tds.data\'s IID split; checkpoint: '
+                      'the same with a checkpoint every round (--out)')
+  parser.add_argument('--mode', default='rounds', help=argparse.SUPPRESS)
   parser.add_argument('--alpha', type=float, default=0.5,
                       help='Dirichlet concentration of a device\'s labels')
   parser.add_argument('--seed', type=int, default=0)
@@ -264,15 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--timeout', type=float, default=1200,
                       help='seconds per measurement')
   parser.add_argument('--out', default=RESULTS)
+  parser.add_argument('--name', default='scaling_bench',
+                      help='results go to OUT/NAME.json and OUT/NAME.md')
   parser.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--total', type=int, help=argparse.SUPPRESS)
   return parser
 
 
-def _child(args, total: int, workers: int) -> dict:
+def _child(args, mode: str, total: int, workers: int) -> dict:
   """`measure` in a fresh process, so each peak is its own."""
-  argv = [sys.executable, os.path.abspath(__file__), '--one', '--total',
-          str(total), '--workers', str(workers), '--per-round',
+  argv = [sys.executable, os.path.abspath(__file__), '--one', '--mode', mode,
+          '--total', str(total), '--workers', str(workers), '--per-round',
           str(args.per_round), '--rounds', str(args.rounds), '--alpha',
           str(args.alpha), '--seed', str(args.seed),
           *(['--tmp', args.tmp] if args.tmp else [])]
@@ -288,19 +321,20 @@ def main(argv=None) -> int:
     print(json.dumps(measure(args)), flush=True)
     return 0
   rows = []
-  for workers in args.workers:
-    for total in args.totals:
-      rows.append(_child(args, total, workers))
-      print(table(rows[-1:]).splitlines()[-1], flush=True)
+  for mode in args.modes:
+    for workers in args.workers:
+      for total in args.totals:
+        rows.append(_child(args, mode, total, workers))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
   when = datetime.date.today().isoformat()
   command = 'python benchmarks/scaling_bench.py ' + ' '.join(
       sys.argv[1:] if argv is None else argv)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'scaling_bench.json'), 'w') as f:
+  with open(os.path.join(args.out, f'{args.name}.json'), 'w') as f:
     json.dump({'date': when, 'command': command, 'rows': rows}, f, indent=1)
   text = (f'{table(rows)}\n\n`{command.strip()}`, {when}, '
           f'{os.cpu_count()} cores\n')
-  with open(os.path.join(args.out, 'scaling_bench.md'), 'w') as f:
+  with open(os.path.join(args.out, f'{args.name}.md'), 'w') as f:
     f.write(text)
   print('\n' + text)
   return 0
