@@ -167,6 +167,20 @@ def _process(privacy, seed):
       total_clients=5, seed=seed, **kwargs)
 
 
+def test_one_worker_runs_the_whole_round(workers, clients):
+  # No split, no recomputation: unseeded example level runs there too.
+  local = _rounds(clients, 2, 'example')
+  with federated.use_workers(workers[0].address) as context:
+    remote_rounds = _rounds(clients, 2, 'example')
+    process = _process('example', None)
+    out = process.next(process.initialize(), clients, federated.
+                       ClientStateStore(5, process.size).get(range(5)))
+  assert context.executor_factory is not None  # TFF's sync context
+  np.testing.assert_allclose(remote_rounds[0], local[0], atol=1e-6)
+  np.testing.assert_allclose(remote_rounds[1], local[1], atol=1e-6)
+  assert np.isfinite(out.metrics['loss'])
+
+
 def test_unseeded_device_noise_is_not_drawn_twice(workers, clients):
   # TFF's mergeable form recomputes the device work after the merge: with
   # DP-SGD noise from OS entropy a device would keep another draw's residual.
