@@ -20,7 +20,12 @@ states) in the order the workers *finish*, and merges the partial
 aggregates in that order too; `_InOrder` keeps the slices' order for both.
 What the mergeable form requires of a round (at most one level of
 aggregation, no aggregate feeding another) is checked by TFF when the round
-is first compiled, and refused with its own error.
+is first compiled, and refused with its own error. Its price: `after_merge`
+sees only the round's arguments and the merged aggregate, so the devices'
+work runs a second time there to give their new states. That doubles the
+device work, and a round whose device work draws unseeded random numbers
+(DP-SGD noise from OS entropy) is refused (`_mergeable_form`). A
+computation without client data (`initialize`) runs whole on one worker.
 
 Per worker the client count changes with Poisson sampling; as
 `_workers.LatestCardinality` does for the local worker, each worker keeps
