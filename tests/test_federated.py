@@ -570,3 +570,93 @@ def test_a_device_whose_data_raises_is_dropped_and_the_round_goes_on(clients):
   assert 'only 1 of the min_clients=2' in skipped.metrics['skipped']
   assert skipped.state is out.state
   assert process.ledger.entries[0].count == 2
+
+
+def _trained_keras(flat_weights):
+  model = keras_model()
+  for v, w in zip(model.trainable_weights,
+                  tds.core.unflatten(flat_weights, model.trainable_weights)):
+    v.assign(w)
+  return model
+
+
+def _mean_loss(flat_weights, x, y):
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  return float(loss_fn(y, _trained_keras(flat_weights)(x)))
+
+
+def test_example_level_local_steps_are_seeded_dp_sgd_steps_one_by_one(
+    clients):
+  """The local steps run as one loop in the client work's graph: with the
+  noise on and seeded, the device's update equals DP-SGD's steps taken one
+  at a time (step s's seed folded from (seed, round 1, client 0, int64 s),
+  its rows at the weights step s - 1 wrote), and the loss metric is the
+  trained model's mean loss over all the device's examples."""
+  lr, seed, steps = 0.1, 11, 3
+  process = federated.build_dp_sparse_fed_avg(
+      model_fn, sgd(lr), sgd(1.0), upload_density=1.0, download_density=1.0,
+      privacy='example', l2_norm_clip=0.5, noise_multiplier=1.0,
+      batch_size=10, local_steps=steps, min_client_examples=120, seed=seed)
+  state = process.initialize()
+  store = federated.ClientStateStore(1, process.size)
+  out = process.next(state, [clients[0]], store.get([0]))
+  x, y = _client_arrays(clients[0])
+  weights = _flat(process.get_model_weights(state))
+  device_seed = tds.core.fold_in_seed(tds.core.fold_in_seed(seed, 1), 0)
+  for step in range(steps):
+    now = tds.core.unflatten(weights, keras_model().trainable_weights)
+    mean = process.privacy.private_gradient(
+        lambda i, now=now: tf.constant(_per_example_grads(
+            now, x[i.numpy()], y[i.numpy()])),
+        num_examples=tf.constant(len(y)), size=process.size,
+        seed=tds.core.fold_in_seed(device_seed, tf.constant(step, tf.int64)))
+    weights = weights - lr * mean.numpy()
+  # One device, density 1, server SGD at 1: the new global model is its own.
+  np.testing.assert_allclose(_flat(process.get_model_weights(out.state)),
+                             weights, atol=1e-5)
+  assert abs(float(out.metrics['loss']) - _mean_loss(weights, x, y)) < 1e-5
+
+
+def _two_passes(data, flat_weights, lr):
+  """SGD over one pass of `data`, then the trained model's mean loss over
+  a second pass (a shuffle reshuffles): `(trained, loss)`."""
+  model = _trained_keras(flat_weights)
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  for x, y in data:
+    with tf.GradientTape() as tape:
+      loss = loss_fn(y, model(x))
+    for v, g in zip(model.trainable_weights,
+                    tape.gradient(loss, model.trainable_weights)):
+      v.assign_sub(lr * g)
+  trained = tds.core.flatten(model.trainable_weights).numpy()
+  return trained, np.mean([_mean_loss(trained, x, y) for x, y in data])
+
+
+def test_nonprivate_local_steps_and_loss_pass_over_the_data_in_order(clients):
+  """Without DP a device trains on one pass over its shuffled batches and
+  the loss metric reads a second pass, as two `Dataset.reduce`s did: the
+  same batches as iterating the dataset twice. Eight devices at once, so a
+  second pass that raced the first (they share the shuffle's seeds) would
+  show as a wrong or varying loss."""
+  lr, devices = 0.1, 8
+  arrays = [_client_arrays(c) for c in clients]
+
+  def data(i):
+    return tf.data.Dataset.from_tensor_slices(arrays[i % 4]).shuffle(
+        120, seed=i).repeat().batch(30).take(3)
+
+  process = federated.build_dp_sparse_fed_avg(
+      model_fn, sgd(lr), sgd(1.0), upload_density=1.0, download_density=1.0,
+      privacy=None)
+  state = process.initialize()
+  initial = _flat(process.get_model_weights(state))
+  expected = [_two_passes(data(i), initial, lr) for i in range(devices)]
+  store = federated.ClientStateStore(devices, process.size)
+  for _ in range(2):
+    out = process.next(state, [data(i) for i in range(devices)],
+                       store.get(range(devices)))
+    # Density 1, server SGD at 1: the new global model is the devices' mean.
+    np.testing.assert_allclose(_flat(process.get_model_weights(out.state)),
+                               np.mean([t for t, _ in expected], 0), atol=1e-5)
+    assert abs(float(out.metrics['loss']) -
+               np.mean([loss for _, loss in expected])) < 1e-5

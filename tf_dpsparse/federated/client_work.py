@@ -107,13 +107,19 @@ def build_client_work(model_fn, optimizer, *, upload: core.Stage,
         core.fold_in_seed(seed, round_num), client_state.client_id)
     if dp_sgd is not None:
       x_all, y_all = _all_examples(data)
-      gradients = _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
-                                    per_example_loss_fn, client_seed)
-      steps = tf.data.Dataset.range(local_steps)
-      data = tf.data.Dataset.from_tensors((x_all, y_all))  # for the metric
+      steps = _train(optimizer, trainable, tf.data.Dataset.range(local_steps),
+                     _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
+                                       per_example_loss_fn, client_seed))
+      trained_loss = lambda: _training_loss(model, x_all, y_all)  # noqa: E731
     else:
-      gradients, steps = _batch_gradients(model, trainable), data
-    _train(optimizer, trainable, steps, gradients)
+      steps = _train(optimizer, trainable, data,
+                     _batch_gradients(model, trainable))
+      trained_loss = lambda: _batches_loss(model, data)  # noqa: E731
+    # After training: the loss reads the trained weights, and a second pass
+    # over `data` must start after the first (a shuffle draws its order when
+    # a pass starts), as Dataset.reduce's passes did.
+    with tf.control_dependencies([steps]):
+      loss = trained_loss()
     update = _canary_or(audit, client_state.client_id, core.model_update(
         initial_weights.trainable, weights.trainable))
     # Example level: `update` is DP-SGD output and the shared indices are the
@@ -125,7 +131,7 @@ def build_client_work(model_fn, optimizer, *, upload: core.Stage,
     return (collections.OrderedDict(indices=sent.indices, values=sent.values),
             _new_client_state(client_state, upload_state, sent, audit),
             collections.OrderedDict(
-                loss=_training_loss(model, data),
+                loss=loss,
                 clipped=tf.cast(upload_metrics.clipped, tf.float32),
                 residual_norm=upload_metrics.residual_norm))
 
@@ -142,20 +148,43 @@ def _new_client_state(client_state, upload_state, sent, audit):
   return new_state
 
 
-def _train(optimizer, trainable, steps: tf.data.Dataset, gradients) -> None:
-  """One optimizer step per element of `steps` (a batch, or a step index)."""
+def _train(optimizer, trainable, steps: tf.data.Dataset,
+           gradients) -> tf.Tensor:
+  """One optimizer step per element of `steps` (a batch, or a step index),
+  on `gradients(element)`; returns the number of steps, ready once the
+  weights are trained (a later pass over the same data waits on it)."""
 
-  @tf.autograph.experimental.do_not_convert
-  def reduce_fn(loop_state, element):
-    step, opt_state = loop_state
-    grads = gradients(element, step)
-    opt_state, updated = optimizer.next(opt_state, trainable, tuple(grads))
-    tf.nest.map_structure(lambda v, t: v.assign(t), trainable, updated)
-    return step + 1, opt_state
+  def step_fn(loop_state, element):
+    count, opt_state = loop_state
+    opt_state, updated = optimizer.next(opt_state, trainable,
+                                        tuple(gradients(element)))
+    assigned = [v.assign(t) for v, t in zip(trainable, updated)]
+    with tf.control_dependencies(assigned):  # the next step reads them
+      return count + 1, tf.nest.map_structure(tf.identity, opt_state)
 
   specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-  steps.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)),
-               reduce_fn)
+  return _fold(steps, (tf.constant(0, tf.int64), optimizer.initialize(specs)),
+               step_fn)[0]
+
+
+def _fold(dataset: tf.data.Dataset, initial, fn):
+  """`dataset.reduce(initial, fn)`, as a `tf.while_loop` over an iterator.
+
+  The same elements in the same order, so the same result, without
+  `Dataset.reduce`'s cost: tf.data instantiates a reduce function anew
+  each time the client work runs, and for DP-SGD's vectorized per-example
+  gradients (a graph of thousands of nodes) that took ~0.2 s per device,
+  most of a main-job round (benchmarks/round_profile.py). A loop in the
+  client work's own graph is instantiated once.
+  """
+  iterator = iter(dataset)
+
+  def body(state, element):
+    return fn(state, element.get_value()), iterator.get_next_as_optional()
+
+  state, _ = tf.while_loop(lambda _, element: element.has_value(), body,
+                           (initial, iterator.get_next_as_optional()))
+  return state
 
 
 def _canary_or(audit: AuditHooks, client_id, update):
@@ -171,8 +200,7 @@ def _canary_or(audit: AuditHooks, client_id, update):
 def _batch_gradients(model, trainable):
   """Plain (non-private at the device) gradients of the caller's batches."""
 
-  def gradients(batch, step):
-    del step
+  def gradients(batch):
     with tf.GradientTape() as tape:
       output = model.forward_pass(batch, training=True)
     return tape.gradient(output.loss, trainable)
@@ -182,31 +210,16 @@ def _batch_gradients(model, trainable):
 
 def _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
                       per_example_loss_fn, client_seed):
-  """DP-SGD gradients of one Poisson-sampled step (`dp_sgd.private_gradient`).
-
-  Each sampled example's gradient comes from the model run on that example
-  alone (`tds.core.per_example_gradients`, vectorized), so clipping a row
-  bounds exactly one example's contribution. A model from
-  `tff.learning.models.from_keras_model` goes through the Keras front's
-  `per_example_gradients` (its convolutions' kernel gradients vectorized);
-  its `predict_on_batch` is that Keras model's call.
-  """
+  """`gradients(step)`: DP-SGD's gradients of local step `step` (int64), one
+  Poisson-sampled step (`dp_sgd.private_gradient`) of the sampled
+  examples' rows (`_per_example_rows`), its seed folded from the step."""
   size = sum(v.shape.num_elements() for v in trainable)
-  # TFF's Keras wrapper exposes no public accessor for its Keras model.
-  keras_model = getattr(model, '_keras_model', None)
+  rows = _per_example_rows(model, trainable, per_example_loss_fn)
 
   def rows_fn(indices):
-    x, y = tf.gather(x_all, indices), tf.gather(y_all, indices)
-    if keras_model is not None:
-      return keras_per_example.per_example_gradients(
-          keras_model, per_example_loss_fn, trainable, x, y)
-    return core.per_example_gradients(
-        lambda batch: per_example_loss_fn(
-            batch[1], model.predict_on_batch(batch[0], training=True)),
-        trainable, (x, y))
+    return rows(tf.gather(x_all, indices), tf.gather(y_all, indices))
 
-  def gradients(step_element, step):
-    del step_element
+  def gradients(step):
     step_seed = None if client_seed is None else core.fold_in_seed(
         client_seed, step)
     mean = dp_sgd.private_gradient(rows_fn, num_examples=tf.shape(y_all)[0],
@@ -216,16 +229,46 @@ def _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
   return gradients
 
 
-def _training_loss(model, data):
-  """Mean loss of the trained model on the device's data: a diagnostic.
+def _per_example_rows(model, trainable, per_example_loss_fn):
+  """`rows(x, y)`: each example's flat gradient, [n, size].
+
+  Each comes from the model run on that example alone
+  (`tds.core.per_example_gradients`, vectorized), so clipping a row bounds
+  exactly one example's contribution. A model from
+  `tff.learning.models.from_keras_model` goes through the Keras front's
+  `per_example_gradients` (its convolutions' kernel gradients vectorized);
+  its `predict_on_batch` is that Keras model's call. (benchmarks/fed_bench.py
+  swaps this for the old jacobian path to time a round of each.)
+  """
+  # TFF's Keras wrapper exposes no public accessor for its Keras model.
+  keras_model = getattr(model, '_keras_model', None)
+  if keras_model is not None:
+    return lambda x, y: keras_per_example.per_example_gradients(
+        keras_model, per_example_loss_fn, trainable, x, y)
+  return lambda x, y: core.per_example_gradients(
+      lambda batch: per_example_loss_fn(
+          batch[1], model.predict_on_batch(batch[0], training=True)),
+      trainable, (x, y))
+
+
+def _training_loss(model, x_all, y_all):
+  """Mean loss of the trained model on all of the device's examples: a
+  diagnostic, in one forward pass of the examples already in memory.
 
   Computed from raw data and not covered by ε: simulations report it; a
   deployed device sends only its upload (`tds.deploy`).
   """
+  return model.forward_pass((x_all, y_all), training=False).loss
+
+
+def _batches_loss(model, batches: tf.data.Dataset):
+  """Mean loss of the trained model on the caller's batches: the same
+  diagnostic when training took the caller's batches (non-private at the
+  device; not covered by ε)."""
   def add(total, batch):
     output = model.forward_pass(batch, training=False)
     n = tf.cast(output.num_examples, tf.float32)
     return total[0] + output.loss * n, total[1] + n
 
-  loss_sum, count = data.reduce((0.0, 0.0), add)
+  loss_sum, count = _fold(batches, (0.0, 0.0), add)
   return loss_sum / tf.maximum(count, 1.0)
