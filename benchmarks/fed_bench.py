@@ -20,7 +20,8 @@ it; a bad value is refused by `RunConfig` before any training.
 
 Run: `python benchmarks/fed_bench.py` (`--rounds`, `--dataset`,
 `--privacy`, `--density`, ... as in `tf-dpsparse run`; `--quick` for a few
-rounds of everything, minutes on 2 cores).
+rounds of everything, about a minute on 2 cores; the full bench takes
+about 4 minutes).
 """
 
 import argparse
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
       f'{QUICK_ROUNDS} with --quick)'))
   parser.add_argument('--quick', action='store_true', help=(
       f'{QUICK_ROUNDS} rounds everywhere (the runs, unless --rounds is '
-      'given, and the round-time comparison): minutes, not an hour'))
+      'given, and the round-time comparison): about a minute on 2 cores'))
   parser.add_argument('--out', default=RESULTS, help=f'default: {RESULTS}')
   return parser
 
