@@ -27,10 +27,10 @@ from tf_dpsparse import federated  # noqa: E402
 from tf_dpsparse.federated import _workers  # noqa: E402
 from tf_dpsparse.federated import remote  # noqa: E402
 from tf_dpsparse.federated import simulation  # noqa: E402
+from test_federated import model_fn  # noqa: E402  (the same digits MLP)
 
 START_TIMEOUT = 60.0  # seconds for a worker to listen (2 busy cores)
 STOP_TIMEOUT = 15.0
-SPEC = (tf.TensorSpec([None, 64], tf.float32), tf.TensorSpec([None], tf.int32))
 
 
 def _gone(pid: int) -> bool:
@@ -101,20 +101,6 @@ def workers(tmp_path_factory):
         worker.kill()
   left = [pid for worker in pool for pid in worker.pids() if not _gone(pid)]
   assert not left, f'processes left behind: {left}'
-
-
-def keras_model():
-  init = tf.keras.initializers.GlorotUniform(seed=1)
-  return tf.keras.Sequential([
-      tf.keras.layers.Dense(16, activation='relu', input_shape=(64,),
-                            kernel_initializer=init),
-      tf.keras.layers.Dense(10, kernel_initializer=init)])
-
-
-def model_fn():
-  return tff.learning.models.from_keras_model(
-      keras_model(), input_spec=SPEC,
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
 
 @pytest.fixture(scope='module')
