@@ -30,14 +30,19 @@ def model_fn():
       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
 
-@pytest.fixture(scope='module')
-def clients():
+def digits_clients(count: int):
+  """`count` devices of 120 real digits each, in batches of 30."""
   digits = load_digits()
   x = (digits.data / 16).astype(np.float32)
   y = digits.target.astype(np.int32)
   return [tf.data.Dataset.from_tensor_slices(
       (x[i * 120:(i + 1) * 120], y[i * 120:(i + 1) * 120])).batch(30)
-          for i in range(4)]
+          for i in range(count)]
+
+
+@pytest.fixture(scope='module')
+def clients():
+  return digits_clients(4)
 
 
 def sgd(lr):

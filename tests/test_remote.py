@@ -15,8 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from sklearn.datasets import load_digits
 
 import tf_dpsparse as tds
 
@@ -27,6 +25,7 @@ from tf_dpsparse import federated  # noqa: E402
 from tf_dpsparse.federated import _workers  # noqa: E402
 from tf_dpsparse.federated import remote  # noqa: E402
 from tf_dpsparse.federated import simulation  # noqa: E402
+from test_federated import digits_clients  # noqa: E402
 from test_federated import model_fn  # noqa: E402  (the same digits MLP)
 
 START_TIMEOUT = 60.0  # seconds for a worker to listen (2 busy cores)
@@ -105,12 +104,7 @@ def workers(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def clients():
-  digits = load_digits()
-  x = (digits.data / 16).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  return [tf.data.Dataset.from_tensor_slices(
-      (x[i * 120:(i + 1) * 120], y[i * 120:(i + 1) * 120])).batch(30)
-          for i in range(5)]
+  return digits_clients(5)
 
 
 def _rounds(clients, rounds: int, privacy: str):
