@@ -85,12 +85,12 @@ def robust_l2_norm(flat: tf.Tensor) -> tf.Tensor:
   so `norm <= bound` is False for it.
   """
   flat = tf.convert_to_tensor(flat, tf.float32)
-  finite = tf.reduce_all(tf.math.is_finite(flat))
-  peak = tf.reduce_max(tf.concat([tf.abs(tf.where(tf.math.is_finite(flat),
-                                                  flat, 0.0)), [0.0]], 0))
+  is_finite = tf.math.is_finite(flat)
+  finite_values = tf.where(is_finite, flat, 0.0)
+  peak = tf.reduce_max(tf.concat([tf.abs(finite_values), [0.0]], 0))
   safe = tf.where(peak > 0, peak, 1.0)
-  norm = safe * tf.norm(tf.where(tf.math.is_finite(flat), flat, 0.0) / safe)
-  return tf.where(finite, norm, float('inf'))
+  norm = safe * tf.norm(finite_values / safe)
+  return tf.where(tf.reduce_all(is_finite), norm, float('inf'))
 
 
 class BoundMetrics(NamedTuple):

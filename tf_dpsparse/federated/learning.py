@@ -216,6 +216,8 @@ class DPSparseFedAvg:
     self.upload_k = upload_k
     self.download_k = download_k
     self.privacy = privacy  # a tds.privacy mechanism, or None
+    # The mechanism is frozen: its round's DpEvent is computed once.
+    self.round_event = None if privacy is None else privacy.round_event()
     self.ledger = ledger
     self._executors = _workers.LatestCardinality()
 
@@ -223,9 +225,6 @@ class DPSparseFedAvg:
   def noise_multiplier(self) -> Optional[float]:
     return None if self.privacy is None else self.privacy.noise_multiplier
 
-  @property
-  def round_event(self):
-    return None if self.privacy is None else self.privacy.round_event()
 
   def initialize(self):
     return self.iterative_process.initialize()

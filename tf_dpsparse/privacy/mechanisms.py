@@ -70,6 +70,11 @@ def _check_positive(**values) -> None:
       raise ValueError(f'{name} must be > 0, got {value}.')
 
 
+def _check_noise_multiplier(noise_multiplier) -> None:
+  if noise_multiplier is None or noise_multiplier < 0:
+    raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientLevelDP:
   """DP-FedAvg: clip each device's update, noise the sum once, trusted server.
@@ -91,9 +96,7 @@ class ClientLevelDP:
     _check_positive(l2_norm_clip=self.l2_norm_clip,
                     clients_per_round=self.clients_per_round,
                     total_clients=self.total_clients)
-    if self.noise_multiplier is None or self.noise_multiplier < 0:
-      raise ValueError(
-          f'noise_multiplier must be >= 0, got {self.noise_multiplier}.')
+    _check_noise_multiplier(self.noise_multiplier)
     if self.clients_per_round > self.total_clients:
       raise ValueError(f'clients_per_round={self.clients_per_round} exceeds '
                        f'total_clients={self.total_clients}.')
@@ -151,9 +154,7 @@ class ExampleLevelDP:
     _check_positive(l2_norm_clip=self.l2_norm_clip, batch_size=self.batch_size,
                     local_steps=self.local_steps,
                     min_client_examples=self.min_client_examples)
-    if self.noise_multiplier is None or self.noise_multiplier < 0:
-      raise ValueError(
-          f'noise_multiplier must be >= 0, got {self.noise_multiplier}.')
+    _check_noise_multiplier(self.noise_multiplier)
     if self.min_client_examples < self.batch_size:
       raise ValueError(
           f'min_client_examples={self.min_client_examples} is below '
