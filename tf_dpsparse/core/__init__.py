@@ -7,6 +7,10 @@ from tf_dpsparse.core.per_example import per_example_gradients
 from tf_dpsparse.core.sparse import SparseUpdate
 from tf_dpsparse.core.sparse import densify
 from tf_dpsparse.core import stages
+from tf_dpsparse.core import subspace
+from tf_dpsparse.core.subspace import Subspace
+from tf_dpsparse.core.subspace import count_sketch
+from tf_dpsparse.core.subspace import subspace_dims
 from tf_dpsparse.core.stages import BroadcastState
 from tf_dpsparse.core.stages import Stage
 from tf_dpsparse.core.stages import UploadState
@@ -43,7 +47,8 @@ __all__ = [
     'BOUND_POLICIES', 'BoundMetrics', 'bound_update', 'robust_l2_norm',
     'BroadcastState', 'SparseUpdate', 'Stage', 'UploadState', 'ViewState',
     'apply_update', 'model_update', 'sparse_broadcast', 'sparse_upload',
-    'stages', 'topk_catch_up', 'add_gaussian_noise', 'clip_by_l2_norm',
+    'stages', 'subspace', 'Subspace', 'count_sketch', 'subspace_dims',
+    'topk_catch_up', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',
     'convolution', 'default_max_batch', 'error_feedback_gain', 'densify', 'flatten',
     'fold_in_seed', 'gaussian_average', 'k_for_density',
