@@ -1,0 +1,368 @@
+"""Ghost clipping against materialized per-example gradients, by measurement.
+
+Issue 17 asks to pick, per layer or per model, between the vectorized
+per-example gradients every front uses today (`tds.keras.per_example`:
+an [n, d] matrix of rows, then `tds.core.clip_rows_by_l2_norm` and a sum)
+and ghost norms (Lee & Kifer 2021; Opacus' ghost clipping; TF Privacy's
+`fast_gradient_clipping`, which registers Dense but not convolutions):
+each example's gradient norm from the layer inputs `a` and the gradients of
+the summed loss with respect to the pre-activations `g`, without the rows,
+then one weighted backward pass with weights min(1, C / norm_i).
+
+Norms per layer (n examples, T output positions, D = kernel taps x input
+channels, p = filters):
+  Dense on [n, d] inputs: ||a_i||^2 ||g_i||^2 (+ ||g_i||^2 for the bias).
+  Conv1D/Conv2D: with the unfolded inputs P_i [T, D] (`tf.image.
+  extract_patches`), the kernel gradient is P_i^T G_i. Its squared norm is
+  either <P_i P_i^T, G_i G_i^T> (the Gram trick, ~T^2 (D + p) per example)
+  or ||P_i^T G_i||^2 computed directly (the unfold form, ~T D p); the
+  cheaper count is taken per layer. The bias adds ||sum_t G_i,t||^2.
+The weighted backward pass reuses the first: the kernel gradient of a layer
+is linear in g, so the clipped sum is each layer's kernel gradient with
+g_i scaled by w_i (no second forward or backward through the network).
+`ghost_tape` times the textbook variant instead (the persistent tape's
+second backward with output gradients w), to show what reuse buys.
+
+Timed, inside `tf.function`, warmed up, in interleaved rounds (median):
+  sgd        gradient of the mean loss (one forward/backward, no privacy)
+  vectorized today's path: rows, clip_rows_by_l2_norm, sum
+  ghost      ghost norms + the reused weighted backward
+  ghost_tape ghost norms + the tape's second weighted backward
+on the HAPT 1-D CNN and the MNIST 2-D CNN of `tf_dpsparse.models` at batch
+16, 64 and 256. Inputs are Gaussian with the data sets' shapes (times do
+not depend on the values). Before timing, ghost's norms and clipped sum are
+asserted equal to the vectorized path's within 1e-5 relative, with the clip
+at the median norm so that half the examples are clipped.
+
+Run: `python benchmarks/ghost_bench.py` (`--quick`: fewer rounds, a couple
+of minutes on 2 cores). Prints a table and writes
+`benchmarks/results/ghost_bench.json`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tf_dpsparse import core
+from tf_dpsparse import models
+from tf_dpsparse.keras import per_example
+
+L2_NORM_CLIP = 1.0
+# HAPT as the package loads it: 6 activities (the transitions are dropped).
+MODELS = {'hapt_conv1d': ((128, 6), 6), 'mnist_conv2d': ((28, 28, 1), 10)}
+BATCHES = (16, 64, 256)
+METHODS = ('sgd', 'vectorized', 'ghost', 'ghost_tape')
+TOLERANCE = 1e-5
+_CONV = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D)
+_GHOST_LAYERS = (tf.keras.layers.Dense, *_CONV)
+
+
+def ghost_clipped_sum(keras_model, per_example_loss_fn, x, y, l2_norm_clip):
+  """`(clipped_sum, norms)` by ghost norms: the rows are never built.
+
+  Equal to `core.clipped_sum(per_example_gradients(...), clip)`: the flat
+  sum (in `keras_model.trainable_variables` order) of each example's
+  gradient of `per_example_loss_fn(y, keras_model(x))`, clipped to L2 <=
+  `l2_norm_clip`, and the norms before clipping. Each clip weight is
+  min(1, C / norm_i) of example i's exact gradient norm, so example i's
+  contribution is bounded exactly as on the materialized path, provided
+  that example i's loss reads example i only (no layer mixes the batch;
+  only Dense, Conv1D, Conv2D and weightless layers are accepted).
+  """
+  records, dzs, _ = _ghost_backward(keras_model, per_example_loss_fn, x, y)
+  norms, unfolded = _ghost_norms(records, dzs)
+  weights = _clip_weights(norms, l2_norm_clip)
+  grads = {}
+  for (layer, a, _), dz, per in zip(records, dzs, unfolded):
+    for v, g in zip(layer.trainable_variables,
+                    _weighted_layer_grads(layer, a, dz, per, weights)):
+      grads[id(v)] = g
+  return core.flatten([grads[id(v)] for v in
+                       keras_model.trainable_variables]), norms
+
+
+def ghost_tape_clipped_sum(keras_model, per_example_loss_fn, x, y,
+                           l2_norm_clip):
+  """`ghost_clipped_sum` with the textbook second pass: the tape's backward
+  of the losses weighted by the clip weights (what Opacus and TF Privacy
+  do, minus their second forward). For timing only: same result."""
+  records, dzs, (tape, losses) = _ghost_backward(
+      keras_model, per_example_loss_fn, x, y, persistent=True)
+  norms, _ = _ghost_norms(records, dzs)
+  weights = _clip_weights(norms, l2_norm_clip)
+  grads = tape.gradient(losses, keras_model.trainable_variables,
+                        output_gradients=weights)
+  del tape
+  return core.flatten(grads), norms
+
+
+def _ghost_backward(model, loss_fn, x, y, persistent=False):
+  """One forward and one backward to the pre-activations only.
+
+  Returns the (layer, input, pre-activation) records, the gradients of the
+  summed per-example losses with respect to each pre-activation (row i of
+  which is example i's, as no layer mixes the batch), and (tape, losses).
+  """
+  with tf.GradientTape(persistent=persistent) as tape:
+    records, a = [], x
+    for layer in model.layers:
+      if isinstance(layer, _GHOST_LAYERS) and layer.trainable:
+        z = _pre_activation(layer, a)
+        records.append((layer, a, z))
+        a = layer.activation(z)
+      elif layer.trainable_weights or isinstance(layer, tf.keras.Model):
+        raise ValueError(f'ghost clipping: unsupported layer {layer.name} '
+                         f'({type(layer).__name__}).')
+      else:
+        a = layer(a, training=True)
+    losses = tf.reshape(loss_fn(y, a), [-1])
+    total = tf.reduce_sum(losses)
+  covered = {id(v) for layer, _, _ in records
+             for v in layer.trainable_variables}
+  if covered != {id(v) for v in model.trainable_variables}:
+    raise ValueError('ghost clipping: a trainable variable is outside the '
+                     'Dense/Conv1D/Conv2D layers of the Sequential model.')
+  dzs = tape.gradient(total, [z for _, _, z in records])
+  return records, dzs, (tape, losses)
+
+
+def _pre_activation(layer, a):
+  """The layer's output before its activation, computed as Keras does."""
+  if isinstance(layer, tf.keras.layers.Dense):
+    if a.shape.rank != 2:
+      raise ValueError(f'ghost clipping: Dense {layer.name} on rank-'
+                       f'{a.shape.rank} inputs (only [n, d] is supported).')
+    z = tf.matmul(a, layer.kernel)
+  else:
+    if (layer.groups != 1 or layer.data_format != 'channels_last' or
+        layer.padding not in ('valid', 'same')):
+      raise ValueError(f'ghost clipping: {layer.name} needs channels_last, '
+                       "groups=1 and 'valid' or 'same' padding.")
+    z = layer.convolution_op(a, layer.kernel)
+  return z + layer.bias if layer.use_bias else z
+
+
+def _clip_weights(norms, l2_norm_clip):
+  """min(1, C / norm), as `core.clip_rows_by_l2_norm` scales its rows."""
+  return tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
+
+
+def _ghost_norms(records, dzs):
+  """Per-example gradient norms [n] over all layers, and per conv layer its
+  per-example kernel gradients when the unfold form was cheaper (else None),
+  which the weighted pass then reuses."""
+  squares, unfolded = [], []
+  for (layer, a, _), dz in zip(records, dzs):
+    if isinstance(layer, tf.keras.layers.Dense):
+      g2 = tf.reduce_sum(tf.square(dz), axis=1)
+      sq = tf.reduce_sum(tf.square(a), axis=1) * g2
+      squares.append(sq + g2 if layer.use_bias else sq)
+      unfolded.append(None)
+      continue
+    sq, per = _conv_squared_norms(layer, a, dz)
+    squares.append(sq)
+    unfolded.append(per)
+  return tf.sqrt(tf.add_n(squares)), unfolded
+
+
+def _conv_squared_norms(layer, a, dz):
+  """Squared per-example gradient norms of a Conv1D/Conv2D layer.
+
+  The Gram trick costs ~T^2 (D + p) per example, the unfold form ~T D p
+  (and keeps an [n, D, p] tensor): the cheaper one is taken, per layer.
+  """
+  patches = _patches(layer, a)  # [n, T, D]
+  positions, taps = patches.shape[1], patches.shape[2]
+  g = tf.reshape(dz, [tf.shape(dz)[0], positions, dz.shape[-1]])
+  per = None
+  if positions * (taps + g.shape[-1]) < taps * g.shape[-1]:
+    gram_a = tf.einsum('ntd,nsd->nts', patches, patches)
+    gram_g = tf.einsum('ntp,nsp->nts', g, g)
+    sq = tf.reduce_sum(gram_a * gram_g, axis=[1, 2])
+  else:
+    per = tf.einsum('ntd,ntp->ndp', patches, g)
+    sq = tf.reduce_sum(tf.square(per), axis=[1, 2])
+  if layer.use_bias:
+    sq += tf.reduce_sum(tf.square(tf.reduce_sum(g, axis=1)), axis=1)
+  return sq, per
+
+
+def _patches(layer, a):
+  """Unfolded inputs [n, T, D], D ordered as the kernel's (taps, channels)."""
+  if isinstance(layer, tf.keras.layers.Conv1D):
+    a = a[:, tf.newaxis]
+    sizes, strides, rates = ([1, *layer.kernel_size], [1, *layer.strides],
+                             [1, *layer.dilation_rate])
+  else:
+    sizes, strides, rates = (layer.kernel_size, layer.strides,
+                             layer.dilation_rate)
+  patches = tf.image.extract_patches(
+      a, sizes=[1, *sizes, 1], strides=[1, *strides, 1],
+      rates=[1, *rates, 1], padding=layer.padding.upper())
+  return tf.reshape(patches, [tf.shape(a)[0], -1, patches.shape[-1]])
+
+
+def _weighted_layer_grads(layer, a, dz, per, weights):
+  """The layer's gradients of sum_i w_i loss_i, from its inputs and g.
+
+  Linear in g, so scaling row i of g by w_i gives exactly the gradient of
+  the weighted loss: the second backward pass, without re-running the
+  network. Uses the per-example kernel gradients `per` when present.
+  """
+  wdz = dz * tf.reshape(weights, [-1] + [1] * (dz.shape.rank - 1))
+  if isinstance(layer, tf.keras.layers.Dense):
+    kernel = tf.matmul(a, wdz, transpose_a=True)
+  elif per is not None:
+    kernel = tf.reshape(tf.einsum('n,ndp->dp', weights, per),
+                        layer.kernel.shape)
+  else:
+    kernel = _conv_kernel_gradient(layer, a, wdz)
+  if not layer.use_bias:
+    return [kernel]
+  return [kernel, tf.reduce_sum(wdz, axis=list(range(dz.shape.rank - 1)))]
+
+
+def _conv_kernel_gradient(layer, a, dz):
+  """A convolution's kernel gradient for output gradient dz (TF's op)."""
+  strides, rates = list(layer.strides), list(layer.dilation_rate)
+  shape = layer.kernel.shape
+  if isinstance(layer, tf.keras.layers.Conv1D):
+    a, dz = a[:, tf.newaxis], dz[:, tf.newaxis]
+    strides, rates, shape = [1, *strides], [1, *rates], [1, *shape]
+  kernel = tf.compat.v1.nn.conv2d_backprop_filter(
+      a, shape, dz, strides=[1, *strides, 1], padding=layer.padding.upper(),
+      dilations=[1, *rates, 1])
+  return tf.reshape(kernel, layer.kernel.shape)
+
+
+def _loss_fn():
+  return tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+
+
+def _vectorized_clipped_sum(model, loss_fn, x, y, l2_norm_clip):
+  """Today's path: materialized rows, clipped, summed."""
+  rows = per_example.per_example_gradients(
+      model, loss_fn, model.trainable_variables, x, y)
+  clipped, norms = core.clip_rows_by_l2_norm(rows, l2_norm_clip)
+  return tf.reduce_sum(clipped, axis=0), norms
+
+
+def _functions(model, loss_fn, clip):
+  """One `tf.function` per method, each returning a flat [d] gradient."""
+  def sgd(x, y):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
+    return core.flatten(tape.gradient(loss, model.trainable_variables))
+
+  paths = {'vectorized': _vectorized_clipped_sum, 'ghost': ghost_clipped_sum,
+           'ghost_tape': ghost_tape_clipped_sum}
+  functions = {'sgd': tf.function(sgd)}
+  for name, path in paths.items():
+    functions[name] = tf.function(
+        lambda x, y, path=path: path(model, loss_fn, x, y, clip)[0])
+  return functions
+
+
+def _relative_error(got, want):
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def check_parity(model, loss_fn, x, y):
+  """Asserts ghost's norms and clipped sums equal the vectorized path's
+  (clip at the median norm: half the examples clipped). Returns the errors."""
+  _, norms = tf.function(
+      lambda: _vectorized_clipped_sum(model, loss_fn, x, y, 1.0))()
+  clip = float(np.median(norms.numpy()))
+  want_sum, want_norms = tf.function(
+      lambda: _vectorized_clipped_sum(model, loss_fn, x, y, clip))()
+  errors = {}
+  for name, path in (('ghost', ghost_clipped_sum),
+                     ('ghost_tape', ghost_tape_clipped_sum)):
+    got_sum, got_norms = tf.function(
+        lambda path=path: path(model, loss_fn, x, y, clip))()
+    errors[name] = {
+        'sum': _relative_error(got_sum.numpy(), want_sum.numpy()),
+        'norms': _relative_error(got_norms.numpy(), want_norms.numpy())}
+    for what, error in errors[name].items():
+      assert error <= TOLERANCE, (name, what, error)
+  return errors
+
+
+def _inputs(input_shape, classes, batch, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, *input_shape)).astype(np.float32)
+  return tf.constant(x), tf.constant(rng.integers(0, classes, batch),
+                                     dtype=tf.int32)
+
+
+def time_methods(input_shape, classes, batch, rounds, calls):
+  """Median over interleaved rounds of the ms per call of each method."""
+  model = models.build_model(input_shape, classes, seed=0)
+  x, y = _inputs(input_shape, classes, batch)
+  functions = _functions(model, _loss_fn(), L2_NORM_CLIP)
+  for fn in functions.values():
+    fn(x, y).numpy()  # trace
+    fn(x, y).numpy()  # warm up
+  samples = {name: [] for name in functions}
+  for _ in range(rounds):
+    for name, fn in functions.items():
+      start = time.perf_counter()
+      for _ in range(calls):
+        fn(x, y).numpy()
+      samples[name].append(1e3 * (time.perf_counter() - start) / calls)
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _ratios(ms):
+  return {'ghost_over_vectorized': ms['ghost'] / ms['vectorized'],
+          'ghost_tape_over_vectorized': ms['ghost_tape'] / ms['vectorized'],
+          'vectorized_over_sgd': ms['vectorized'] / ms['sgd'],
+          'ghost_over_sgd': ms['ghost'] / ms['sgd'],
+          'ghost_tape_over_sgd': ms['ghost_tape'] / ms['sgd']}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='fewer rounds (a couple of minutes on 2 cores)')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(__file__), 'results', 'ghost_bench.json'))
+  args = parser.parse_args()
+  rounds, calls = (5, 3) if args.quick else (15, 5)
+  results, parity = {}, {}
+  for model_name, (input_shape, classes) in MODELS.items():
+    model = models.build_model(input_shape, classes, seed=0)
+    parity[model_name] = check_parity(
+        model, _loss_fn(), *_inputs(input_shape, classes, 64, seed=1))
+    print(f'{model_name}: parity with the vectorized path {parity[model_name]}'
+          f' (<= {TOLERANCE})', flush=True)
+  print(f'{"model":>13} {"batch":>5} ' +
+        ' '.join(f'{m + " ms":>13}' for m in METHODS) +
+        f' {"ghost/vec":>9} {"vec/sgd":>8} {"ghost/sgd":>9} {"gtape/sgd":>9}')
+  for model_name, (input_shape, classes) in MODELS.items():
+    for batch in BATCHES:
+      ms = time_methods(input_shape, classes, batch, rounds, calls)
+      r = _ratios(ms)
+      results.setdefault(model_name, {})[str(batch)] = {'ms': ms, **r}
+      print(f'{model_name:>13} {batch:>5} ' +
+            ' '.join(f'{ms[m]:>13.2f}' for m in METHODS) +
+            f' {r["ghost_over_vectorized"]:>9.2f}'
+            f' {r["vectorized_over_sgd"]:>8.2f} {r["ghost_over_sgd"]:>9.2f}'
+            f' {r["ghost_tape_over_sgd"]:>9.2f}', flush=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump({'quick': args.quick, 'rounds': rounds, 'calls': calls,
+               'l2_norm_clip': L2_NORM_CLIP, 'cores': os.cpu_count(),
+               'tolerance': TOLERANCE, 'parity': parity,
+               'results': results}, f, indent=1)
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()
