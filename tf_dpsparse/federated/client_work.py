@@ -13,7 +13,7 @@ TFF's client-work template cannot return it, so the composer
 from __future__ import annotations
 
 import collections
-from typing import Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -76,9 +76,51 @@ def _all_examples(data):
   return split_batch(data.unbatch().batch(2**31 - 1).get_single_element())
 
 
+class _Parametrization(NamedTuple):
+  """What a device's optimizer steps, and how that reaches the model.
+
+  Plain: the model's trainable variables themselves. In a subspace
+  (`core.Subspace`): the coordinates z, the model written as origin + P z
+  before every gradient, which is pulled back to z (P^T g). Gradients are
+  always taken of the model's variables, so every per-example path works
+  unchanged; only what they are turned into differs.
+  """
+  trainable: tuple  # the variables the optimizer steps
+  model_trainable: tuple  # the model's, of which gradients are taken
+  load: Callable  # (initial ModelWeights) -> None: the round's start
+  write_model: Callable  # () -> None: the model from `trainable`
+  pullback: Callable  # flat model gradient(s) -> flat gradient(s) of trainable
+
+
+def _parametrization(model, subspace) -> _Parametrization:
+  """The device's `_Parametrization` (variables made once, outside tracing)."""
+  weights = tff.learning.models.ModelWeights.from_model(model)
+  model_trainable = tuple(weights.trainable)
+  if subspace is None:
+    load = lambda initial: tf.nest.map_structure(  # noqa: E731
+        lambda v, t: v.assign(t), weights, initial)
+    return _Parametrization(model_trainable, model_trainable, load,
+                            lambda: None, lambda flat: flat)
+  z = tf.Variable(tf.zeros([subspace.dims]), trainable=False, name='subspace_z')
+
+  def load(initial):
+    z.assign(initial.trainable[0])
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights.non_trainable,
+                          initial.non_trainable)
+
+  def write_model():
+    for v, t in zip(model_trainable, core.unflatten(subspace.expand(z),
+                                                    model_trainable)):
+      v.assign(t)
+
+  return _Parametrization((z,), model_trainable, load, write_model,
+                          subspace.pullback)
+
+
 def build_client_work(model_fn, optimizer, *, upload: core.Stage,
                       dp_sgd=None, local_steps: Optional[int],
-                      per_example_loss_fn, seed, audit=AuditHooks()):
+                      per_example_loss_fn, seed, audit=AuditHooks(),
+                      subspace: Optional[core.Subspace] = None):
   """The device's round as a tf.function (builds its own model, as TFF does).
 
   `client_work(weights, data, client_state, round_num, shared_indices)`
@@ -92,36 +134,42 @@ def build_client_work(model_fn, optimizer, *, upload: core.Stage,
   DP-SGD steps, each on a Poisson sample of the device's n examples at rate
   batch_size / n (`dp_sgd.private_gradient`); otherwise the caller's
   batches, `local_steps` of them at most.
+
+  With a `subspace`, `weights.trainable` is `[z]` and the device trains z
+  (`_Parametrization`): each example's gradient is pulled back to z before
+  it is clipped and noised, so DP-SGD's noise has `subspace.dims`
+  dimensions, and the update is a change of z.
   """
   model = model_fn()
+  params = _parametrization(model, subspace)
 
   # No Python control flow depends on tensors here: skipping autograph
   # avoids its closure-mismatch warnings on the nested functions.
   @tf.function(autograph=False)
   def client_work(initial_weights, data, client_state, round_num,
                   shared_indices):
-    weights = tff.learning.models.ModelWeights.from_model(model)
-    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-    trainable = tuple(weights.trainable)
+    params.load(initial_weights)
     client_seed = None if seed is None else core.fold_in_seed(
         core.fold_in_seed(seed, round_num), client_state.client_id)
     if dp_sgd is not None:
       x_all, y_all = _all_examples(data)
-      steps = _train(optimizer, trainable, tf.data.Dataset.range(local_steps),
-                     _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
+      steps = _train(optimizer, params.trainable,
+                     tf.data.Dataset.range(local_steps),
+                     _dp_sgd_gradients(dp_sgd, model, params, x_all, y_all,
                                        per_example_loss_fn, client_seed))
       trained_loss = lambda: _training_loss(model, x_all, y_all)  # noqa: E731
     else:
-      steps = _train(optimizer, trainable, data,
-                     _batch_gradients(model, trainable))
+      steps = _train(optimizer, params.trainable, data,
+                     _batch_gradients(model, params))
       trained_loss = lambda: _batches_loss(model, data)  # noqa: E731
     # After training: the loss reads the trained weights, and a second pass
     # over `data` must start after the first (a shuffle draws its order when
     # a pass starts), as Dataset.reduce's passes did.
     with tf.control_dependencies([steps]):
+      params.write_model()
       loss = trained_loss()
     update = _canary_or(audit, client_state.client_id, core.model_update(
-        initial_weights.trainable, weights.trainable))
+        initial_weights.trainable, params.trainable))
     # Example level: `update` is DP-SGD output and the shared indices are the
     # last broadcast's, so every index chosen here is post-processing.
     # Client level: the upload is only released inside the noised aggregate.
@@ -197,34 +245,43 @@ def _canary_or(audit: AuditHooks, client_id, update):
                        audit.canary_k), update)
 
 
-def _batch_gradients(model, trainable):
-  """Plain (non-private at the device) gradients of the caller's batches."""
+def _batch_gradients(model, params: _Parametrization):
+  """Plain (non-private at the device) gradients of the caller's batches,
+  of the variables `params` trains."""
 
   def gradients(batch):
+    params.write_model()
     with tf.GradientTape() as tape:
       output = model.forward_pass(batch, training=True)
-    return tape.gradient(output.loss, trainable)
+    grads = tape.gradient(output.loss, params.model_trainable)
+    if params.trainable is params.model_trainable:
+      return grads
+    return core.unflatten(params.pullback(core.flatten(grads)),
+                          params.trainable)
 
   return gradients
 
 
-def _dp_sgd_gradients(dp_sgd, model, trainable, x_all, y_all,
+def _dp_sgd_gradients(dp_sgd, model, params: _Parametrization, x_all, y_all,
                       per_example_loss_fn, client_seed):
   """`gradients(step)`: DP-SGD's gradients of local step `step` (int64), one
   Poisson-sampled step (`dp_sgd.private_gradient`) of the sampled
-  examples' rows (`_per_example_rows`), its seed folded from the step."""
-  size = sum(v.shape.num_elements() for v in trainable)
-  rows = _per_example_rows(model, trainable, per_example_loss_fn)
+  examples' rows (`_per_example_rows`, pulled back to what `params`
+  trains: clipped and noised there), its seed folded from the step."""
+  size = sum(v.shape.num_elements() for v in params.trainable)
+  rows = _per_example_rows(model, params.model_trainable, per_example_loss_fn)
 
   def rows_fn(indices):
-    return rows(tf.gather(x_all, indices), tf.gather(y_all, indices))
+    return params.pullback(rows(tf.gather(x_all, indices),
+                                tf.gather(y_all, indices)))
 
   def gradients(step):
+    params.write_model()
     step_seed = None if client_seed is None else core.fold_in_seed(
         client_seed, step)
     mean = dp_sgd.private_gradient(rows_fn, num_examples=tf.shape(y_all)[0],
                                    size=size, seed=step_seed)
-    return core.unflatten(mean, trainable)
+    return core.unflatten(mean, params.trainable)
 
   return gradients
 

@@ -206,12 +206,17 @@ class DPSparseFedAvg:
   """
 
   def __init__(self, process, *, size, upload_k, download_k, catch_up,
-               privacy, ledger, min_clients: int = 1):
+               privacy, ledger, min_clients: int = 1,
+               subspace: Optional[core.Subspace] = None, model_shapes=()):
     if not min_clients >= 1:
       raise ValueError(f'min_clients must be >= 1, got {min_clients}.')
     self.min_clients = min_clients
     self.iterative_process = process
-    self.size = size
+    self.size = size  # what is trained and sent: the weights, or z
+    self.subspace = subspace
+    self.model_shapes = [tuple(shape) for shape in model_shapes]
+    # The model's trainable weights: what dense FedAvg would send.
+    self.model_size = size if subspace is None else subspace.size
     self.catch_up = catch_up
     self.upload_k = upload_k
     self.download_k = download_k
@@ -241,7 +246,7 @@ class DPSparseFedAvg:
       if state is None:
         raise ValueError("catch_up='topk': pass the initialized state, the "
                          "device's view starts as its public model.")
-      client_state['view'] = self.get_public_weights(state)
+      client_state['view'] = self.get_public_coordinates(state)
     client_state.update(last_sync_round=np.int32(0),
                         client_id=np.int32(client_id))
     return client_state
@@ -279,7 +284,7 @@ class DPSparseFedAvg:
     metrics = _flat_metrics(measurements)
     metrics.update(epsilon=epsilon, dropped=len(dropped), skipped=None)
     metrics['dense_bytes_up'] = metrics['dense_bytes_down'] = (
-        int(metrics['num_clients']) * self.size * 4)
+        int(metrics['num_clients']) * self.model_size * 4)
     return RoundOutput(state, new_states, metrics)
 
   def skip_round(self) -> None:
@@ -291,14 +296,28 @@ class DPSparseFedAvg:
     if self.ledger is not None:
       self.ledger.record(self.round_event)
 
-  @staticmethod
-  def get_model_weights(state):
-    """The server's global model."""
-    return state['global_model_weights']
+  def get_model_weights(self, state) -> tff.learning.models.ModelWeights:
+    """The server's global model (in a subspace: origin + P z, as
+    `ModelWeights` shaped like the model's)."""
+    weights = state['global_model_weights']
+    if self.subspace is None:
+      return weights
+    flat = self.subspace.expand(weights.trainable[0]).numpy()
+    ends = np.cumsum([int(np.prod(shape)) for shape in self.model_shapes])
+    return weights._replace(trainable=[
+        part.reshape(shape) for part, shape in
+        zip(np.split(flat, ends[:-1]), self.model_shapes)])
 
-  @staticmethod
-  def get_public_weights(state) -> np.ndarray:
-    """The flat trainable weights up-to-date devices hold (the public model)."""
+  def get_public_weights(self, state) -> np.ndarray:
+    """The flat trainable weights up-to-date devices hold (the public
+    model; in a subspace origin + P z of the public z)."""
+    public = np.asarray(state['distributor']['public'])
+    if self.subspace is None:
+      return public
+    return self.subspace.expand(public).numpy()
+
+  def get_public_coordinates(self, state) -> np.ndarray:
+    """What the distributor broadcast: the public model, or the public z."""
     return np.asarray(state['distributor']['public'])
 
 
@@ -308,22 +327,32 @@ def build_dp_sparse_fed_avg_process(
     per_example_loss_fn, value_bits: int, history: int,
     shared_fraction: float, catch_up: str, catch_up_density: float,
     seed: Optional[int], audit: AuditHooks = AuditHooks(),
-    max_update_norm: Optional[float] = None
+    max_update_norm: Optional[float] = None,
+    subspace: Optional[core.Subspace] = None
 ) -> tff.templates.IterativeProcess:
-  """The TFF process composed from its stages; see `build_dp_sparse_fed_avg`."""
+  """The TFF process composed from its stages; see `build_dp_sparse_fed_avg`.
+
+  With a `subspace` the server's model weights are `[z]` (and the model's
+  non-trainable weights): every stage sees a model of `subspace.dims`
+  trainable values, and only the client work knows what z means.
+  """
   with tf.Graph().as_default():
     model = model_fn()
     data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
-    weights_type = tff.learning.models.weights_type_from_model(model)
+
+  @tff.tensorflow.computation
+  def initial_weights():
+    weights = tff.learning.models.ModelWeights.from_model(model_fn())
+    if subspace is None:
+      return weights
+    return weights._replace(trainable=[tf.zeros([subspace.dims])])
+
+  weights_type = initial_weights.type_signature.result
   size = sum(int(np.prod(t.shape))
              for t in tff.structure.flatten(weights_type.trainable))
   k_up = core.k_for_density(size, upload_density)
   k_shared = num_shared(size, upload_density, download_density, shared_fraction)
   state_type = client_state_type(size, with_view=catch_up == 'topk')
-
-  @tff.tensorflow.computation
-  def initial_weights():
-    return tff.learning.models.ModelWeights.from_model(model_fn())
 
   @tff.federated_computation
   def initial_weights_fn():
@@ -346,8 +375,8 @@ def build_dp_sparse_fed_avg_process(
     return build_client_work(
         model_fn, client_optimizer, upload=upload, dp_sgd=dp_sgd,
         local_steps=local_steps, per_example_loss_fn=per_example_loss_fn,
-        seed=seed, audit=audit)(weights, data, client_state, round_num,
-                                shared_indices)
+        seed=seed, audit=audit, subspace=subspace)(
+            weights, data, client_state, round_num, shared_indices)
 
   aggregator = DPSparseAggregatorFactory(
       size, privacy=privacy, num_shared=k_shared, value_bits=value_bits,
@@ -446,8 +475,8 @@ def build_dp_sparse_fed_avg(
     client_optimizer_fn: tff.learning.optimizers.Optimizer,
     server_optimizer_fn: Optional[tff.learning.optimizers.Optimizer] = None,
     *,
-    upload_density: float,
-    download_density: float,
+    upload_density: Optional[float] = None,
+    download_density: Optional[float] = None,
     privacy,
     l2_norm_clip: Optional[float] = None,
     noise_multiplier: Optional[float] = None,
@@ -469,6 +498,8 @@ def build_dp_sparse_fed_avg(
     seed: Optional[int] = None,
     max_update_norm: Optional[float] = None,
     min_clients: int = 1,
+    subspace: Optional[float] = None,
+    subspace_seed: int = 0,
     audit: Optional[AuditHooks] = None) -> DPSparseFedAvg:
   """Builds bidirectional top-k federated averaging, DP at example or client level.
 
@@ -477,7 +508,9 @@ def build_dp_sparse_fed_avg(
       (e.g. `tff.learning.models.from_keras_model`), built from scratch.
     client_optimizer_fn, server_optimizer_fn: `tff.learning.optimizers`
       optimizers (server default: SGD with learning rate 1, i.e. FedAvg).
-    upload_density, download_density: fraction of parameters sent each way.
+    upload_density, download_density: fraction of parameters sent each way
+      (required; with a `subspace`, fractions of its z, default 1.0: all of
+      z, no index bytes).
     privacy: a `tds.privacy.ExampleLevelDP` or `ClientLevelDP` (the noise
       is then the mechanism's, and the scalar privacy arguments below must
       be left out), None, or by name: 'example' (local DP-SGD on each device: `local_steps`
@@ -524,6 +557,15 @@ def build_dp_sparse_fed_avg(
       level clips at `l2_norm_clip` instead.
     min_clients: a round with fewer devices whose data reads is skipped
       (charged once, nothing released); see `DPSparseFedAvg.next`.
+    subspace: train in a public random subspace (`core.subspace`): the
+      model is origin + P z, origin the initial model of `model_fn` and P a
+      count sketch from `subspace_seed` to z of this fraction of the
+      trainable weights (or this many dimensions, an int >= 1). Only z is
+      trained, clipped, noised, uploaded and broadcast, so a device that
+      missed any number of rounds catches up exactly with z itself, and the
+      noise has dims dimensions. `catch_up='topk'` is refused (there is
+      nothing to bound). None: the model's own weights.
+    subspace_seed: the seed P is generated from; devices rebuild P from it.
     audit: `AuditHooks` for `tf-dpsparse audit` only (canary clients, uploads
       returned in the client states); None in every real run.
 
@@ -534,6 +576,17 @@ def build_dp_sparse_fed_avg(
   Privacy and Opacus), so its ε is at most the one reported.
   """
   audit = audit or AuditHooks()
+  if subspace is not None:
+    if catch_up != 'union':
+      raise ValueError("a subspace catches up exactly with z (dims values): "
+                       "catch_up='topk' has nothing to bound; drop it.")
+    upload_density = 1.0 if upload_density is None else upload_density
+    download_density = 1.0 if download_density is None else download_density
+  for name, density in (('upload_density', upload_density),
+                        ('download_density', download_density)):
+    if density is None:
+      raise ValueError(f'{name} is required (the fraction of the weights '
+                       'sent), unless training in a subspace.')
   _check_densities(upload_density=upload_density,
                    download_density=download_density,
                    catch_up_density=catch_up_density)
@@ -552,6 +605,7 @@ def build_dp_sparse_fed_avg(
       mechanism, privacy_lib.ExampleLevelDP):
     raise ValueError('canary clients audit client-level DP; at example level '
                      'the canaries are examples in device data.')
+  sub, shapes = _subspace(model_fn, subspace, subspace_seed)
   process = build_dp_sparse_fed_avg_process(
       model_fn, client_optimizer_fn, server_optimizer_fn or
       tff.learning.optimizers.build_sgdm(learning_rate=1.0),
@@ -563,7 +617,7 @@ def build_dp_sparse_fed_avg(
           from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
       value_bits=value_bits, history=history, shared_fraction=shared_fraction,
       catch_up=catch_up, catch_up_density=catch_up_density or download_density,
-      seed=seed, audit=audit, max_update_norm=max_update_norm)
+      seed=seed, audit=audit, max_update_norm=max_update_norm, subspace=sub)
   size = process.next.type_signature.parameter[2].member.residual.shape[0]
   ledger = None if mechanism is None else privacy_lib.PrivacyLedger(
       delta, target_epsilon, accountant)
@@ -571,4 +625,17 @@ def build_dp_sparse_fed_avg(
       process, size=size, upload_k=core.k_for_density(size, upload_density),
       download_k=core.k_for_density(size, download_density),
       catch_up=catch_up, privacy=mechanism, ledger=ledger,
-      min_clients=min_clients)
+      min_clients=min_clients, subspace=sub, model_shapes=shapes)
+
+
+def _subspace(model_fn, subspace, seed: int):
+  """`(core.Subspace or None, the model's trainable shapes)`: the count
+  sketch around `model_fn`'s initial weights, which are public (a seeded
+  initialization every device ships with), as the origin."""
+  if subspace is None:
+    return None, ()
+  trainable = model_fn().trainable_variables
+  origin = core.flatten([v.numpy() for v in trainable]).numpy()
+  dims = core.subspace_dims(origin.size, subspace)
+  return (core.count_sketch(origin, dims, seed),
+          [tuple(v.shape) for v in trainable])
