@@ -12,8 +12,8 @@ then one weighted backward pass with weights min(1, C / norm_i).
 Norms per layer (n examples, T output positions, D = kernel taps x input
 channels, p = filters):
   Dense on [n, d] inputs: ||a_i||^2 ||g_i||^2 (+ ||g_i||^2 for the bias).
-  Conv1D/Conv2D: with the unfolded inputs P_i [T, D] (`tf.image.
-  extract_patches`), the kernel gradient is P_i^T G_i. Its squared norm is
+  Conv1D/Conv2D: with the unfolded inputs P_i [T, D] (one strided slice
+  per kernel tap), the kernel gradient is P_i^T G_i. Its squared norm is
   either <P_i P_i^T, G_i G_i^T> (the Gram trick, ~T^2 (D + p) per example)
   or ||P_i^T G_i||^2 computed directly (the unfold form, ~T D p); the
   cheaper count is taken per layer. The bias adds ||sum_t G_i,t||^2.
@@ -40,6 +40,7 @@ of minutes on 2 cores). Prints a table and writes
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -176,11 +177,11 @@ def _conv_squared_norms(layer, a, dz):
   The Gram trick costs ~T^2 (D + p) per example, the unfold form ~T D p
   (and keeps an [n, D, p] tensor): the cheaper one is taken, per layer.
   """
-  patches = _patches(layer, a)  # [n, T, D]
+  patches = _patches(layer, a, dz.shape[1:-1])  # [n, T, D]
   positions, taps = patches.shape[1], patches.shape[2]
   g = tf.reshape(dz, [tf.shape(dz)[0], positions, dz.shape[-1]])
   per = None
-  if positions * (taps + g.shape[-1]) < taps * g.shape[-1]:
+  if _gram_is_cheaper(positions, taps, g.shape[-1]):
     gram_a = tf.einsum('ntd,nsd->nts', patches, patches)
     gram_g = tf.einsum('ntp,nsp->nts', g, g)
     sq = tf.reduce_sum(gram_a * gram_g, axis=[1, 2])
@@ -192,19 +193,36 @@ def _conv_squared_norms(layer, a, dz):
   return sq, per
 
 
-def _patches(layer, a):
-  """Unfolded inputs [n, T, D], D ordered as the kernel's (taps, channels)."""
-  if isinstance(layer, tf.keras.layers.Conv1D):
-    a = a[:, tf.newaxis]
-    sizes, strides, rates = ([1, *layer.kernel_size], [1, *layer.strides],
-                             [1, *layer.dilation_rate])
-  else:
-    sizes, strides, rates = (layer.kernel_size, layer.strides,
-                             layer.dilation_rate)
-  patches = tf.image.extract_patches(
-      a, sizes=[1, *sizes, 1], strides=[1, *strides, 1],
-      rates=[1, *rates, 1], padding=layer.padding.upper())
-  return tf.reshape(patches, [tf.shape(a)[0], -1, patches.shape[-1]])
+def _gram_is_cheaper(positions, taps, filters) -> bool:
+  """T^2 (D + p) < T D p: multiply-adds per example of the two forms."""
+  return positions * (taps + filters) < taps * filters
+
+
+def _patches(layer, a, out_size):
+  """Unfolded inputs [n, T, D], D ordered as the kernel's (taps, channels).
+
+  Strided slices of the (padded) input, one per kernel tap, stacked: 3-4x
+  faster on this CPU than `tf.image.extract_patches` (measured: 2.7 vs
+  12 ms for MNIST's first layer at batch 64), which made ghost norms lose.
+  """
+  spatial = a.shape.rank - 2
+  kernel, strides = layer.kernel_size, layer.strides
+  dilations = layer.dilation_rate
+  if layer.padding == 'same':
+    pads = [[0, 0]]
+    for size, o, k, s, d in zip(a.shape[1:1 + spatial], out_size, kernel,
+                                strides, dilations):
+      total = max((o - 1) * s + (k - 1) * d + 1 - size, 0)
+      pads.append([total // 2, total - total // 2])
+    a = tf.pad(a, pads + [[0, 0]])
+  windows = []
+  for offset in itertools.product(*[range(k) for k in kernel]):
+    index = [slice(None)]
+    for i, o, s, d in zip(offset, out_size, strides, dilations):
+      index.append(slice(i * d, i * d + (o - 1) * s + 1, s))
+    windows.append(a[tuple(index + [slice(None)])])
+  patches = tf.stack(windows, axis=-2)  # [n, *out, taps, channels]
+  return tf.reshape(patches, [tf.shape(a)[0], int(np.prod(out_size)), -1])
 
 
 def _weighted_layer_grads(layer, a, dz, per, weights):

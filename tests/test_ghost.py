@@ -1,0 +1,110 @@
+"""Ghost clipping equals the materialized per-example path (issue 17).
+
+Ghost norms never build the [n, d] rows, so their privacy rests on one
+claim: each example's clip weight comes from its exact gradient norm. These
+tests check the norms and the clipped sum against the vectorized rows of
+`tds.keras.per_example.per_example_gradients` + `clip_rows_by_l2_norm` on
+tiny seeded Dense, Conv1D and Conv2D models covering both conv norm forms
+(Gram and unfold), 'same' padding, strides, dilation and a bias-free layer.
+"""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_dpsparse import core
+from tf_dpsparse.keras import per_example
+
+_BENCH = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'ghost_bench.py'
+_spec = importlib.util.spec_from_file_location('ghost_bench', _BENCH)
+ghost_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ghost_bench)
+
+layers = tf.keras.layers
+_init = tf.keras.initializers.GlorotUniform
+
+
+def _dense():
+  return [layers.InputLayer(input_shape=(5,)),
+          layers.Dense(4, activation='relu', kernel_initializer=_init(0)),
+          layers.Dense(3, use_bias=False, kernel_initializer=_init(1))]
+
+
+def _conv1d():
+  return [layers.InputLayer(input_shape=(10, 3)),
+          # T=10, D=9, p=4: the unfold form (T D p < T^2 (D + p)).
+          layers.Conv1D(4, 3, padding='same', dilation_rate=2,
+                        activation='tanh', kernel_initializer=_init(0)),
+          layers.MaxPool1D(2),
+          # T=2, D=8, p=6: the Gram form.
+          layers.Conv1D(6, 2, strides=2, kernel_initializer=_init(1)),
+          layers.GlobalAveragePooling1D(),
+          layers.Dense(3, kernel_initializer=_init(2))]
+
+
+def _conv2d():
+  return [layers.InputLayer(input_shape=(7, 7, 2)),
+          # T=16, D=18, p=4: the unfold form.
+          layers.Conv2D(4, 3, strides=2, padding='same', activation='relu',
+                        kernel_initializer=_init(0)),
+          # T=4, D=36, p=16: the Gram form.
+          layers.Conv2D(16, 3, use_bias=False, kernel_initializer=_init(1)),
+          layers.Flatten(),
+          layers.Dense(3, kernel_initializer=_init(2))]
+
+
+def _loss():
+  return tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+
+
+def _data(input_shape, n=12):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, *input_shape)).astype(np.float32)
+  return tf.constant(x), tf.constant(rng.integers(0, 3, n), dtype=tf.int32)
+
+
+def _relative(got, want):
+  return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.parametrize('body', [_dense, _conv1d, _conv2d])
+@pytest.mark.parametrize('ghost', ['ghost_clipped_sum',
+                                   'ghost_tape_clipped_sum'])
+def test_ghost_norms_and_clipped_sum_equal_the_vectorized_rows(body, ghost):
+  tf.keras.utils.set_random_seed(0)
+  model = tf.keras.Sequential(body())
+  x, y = _data(model.input_shape[1:])
+  rows = per_example.per_example_gradients(
+      model, _loss(), model.trainable_variables, x, y).numpy()
+  norms = np.linalg.norm(rows, axis=1)
+  clip = float(np.median(norms))  # half the examples clipped
+  want = core.clip_rows_by_l2_norm(rows, clip)[0].numpy().sum(axis=0)
+  got_sum, got_norms = tf.function(
+      lambda: getattr(ghost_bench, ghost)(model, _loss(), x, y, clip))()
+  assert _relative(got_norms.numpy(), norms) < 1e-5
+  assert _relative(got_sum.numpy(), want) < 1e-5
+
+
+def test_both_conv_norm_forms_are_exercised(monkeypatch):
+  chosen = []
+  pick = ghost_bench._gram_is_cheaper
+  monkeypatch.setattr(ghost_bench, '_gram_is_cheaper',
+                      lambda *counts: chosen.append(pick(*counts)) or
+                      chosen[-1])
+  for body in (_conv1d, _conv2d):
+    model = tf.keras.Sequential(body())
+    ghost_bench.ghost_clipped_sum(model, _loss(), *_data(
+        model.input_shape[1:]), 1.0)
+  assert chosen == [False, True, False, True]
+
+
+def test_a_layer_that_mixes_the_batch_is_refused():
+  model = tf.keras.Sequential([layers.InputLayer(input_shape=(5,)),
+                               layers.BatchNormalization(), layers.Dense(3)])
+  x, y = _data((5,))
+  with pytest.raises(ValueError, match='unsupported layer'):
+    ghost_bench.ghost_clipped_sum(model, _loss(), x, y, 1.0)
