@@ -23,7 +23,8 @@ g_i scaled by w_i (no second forward or backward through the network).
 `ghost_tape` times the textbook variant instead (the persistent tape's
 second backward with output gradients w), to show what reuse buys.
 
-Timed, inside `tf.function`, warmed up, in interleaved rounds (median):
+Timed, inside `tf.function`, warmed up, in interleaved rounds (times are
+medians over rounds, ratios medians of the rounds' paired ratios):
   sgd        gradient of the mean loss (one forward/backward, no privacy)
   vectorized today's path: rows, clip_rows_by_l2_norm, sum
   ghost      ghost norms + the reused weighted backward
@@ -320,7 +321,7 @@ def _inputs(input_shape, classes, batch, seed=0):
 
 
 def time_methods(input_shape, classes, batch, rounds, calls):
-  """Median over interleaved rounds of the ms per call of each method."""
+  """Per method, the ms per call in each of the interleaved rounds."""
   model = models.build_model(input_shape, classes, seed=0)
   x, y = _inputs(input_shape, classes, batch)
   functions = _functions(model, _loss_fn(), L2_NORM_CLIP)
@@ -334,15 +335,20 @@ def time_methods(input_shape, classes, batch, rounds, calls):
       for _ in range(calls):
         fn(x, y).numpy()
       samples[name].append(1e3 * (time.perf_counter() - start) / calls)
-  return {name: statistics.median(s) for name, s in samples.items()}
+  return samples
 
 
-def _ratios(ms):
-  return {'ghost_over_vectorized': ms['ghost'] / ms['vectorized'],
-          'ghost_tape_over_vectorized': ms['ghost_tape'] / ms['vectorized'],
-          'vectorized_over_sgd': ms['vectorized'] / ms['sgd'],
-          'ghost_over_sgd': ms['ghost'] / ms['sgd'],
-          'ghost_tape_over_sgd': ms['ghost_tape'] / ms['sgd']}
+def _ratios(samples):
+  """Medians over rounds of per-round ratios: a round's methods run back to
+  back, so a paired ratio cancels the other load on the shared machine
+  better than a ratio of medians."""
+  def paired(a, b):
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+  return {'ghost_over_vectorized': paired('ghost', 'vectorized'),
+          'ghost_tape_over_vectorized': paired('ghost_tape', 'vectorized'),
+          'vectorized_over_sgd': paired('vectorized', 'sgd'),
+          'ghost_over_sgd': paired('ghost', 'sgd'),
+          'ghost_tape_over_sgd': paired('ghost_tape', 'sgd')}
 
 
 def main():
@@ -352,7 +358,7 @@ def main():
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(__file__), 'results', 'ghost_bench.json'))
   args = parser.parse_args()
-  rounds, calls = (5, 3) if args.quick else (15, 5)
+  rounds, calls = (7, 3) if args.quick else (41, 5)
   results, parity = {}, {}
   for model_name, (input_shape, classes) in MODELS.items():
     model = models.build_model(input_shape, classes, seed=0)
@@ -365,8 +371,9 @@ def main():
         f' {"ghost/vec":>9} {"vec/sgd":>8} {"ghost/sgd":>9} {"gtape/sgd":>9}')
   for model_name, (input_shape, classes) in MODELS.items():
     for batch in BATCHES:
-      ms = time_methods(input_shape, classes, batch, rounds, calls)
-      r = _ratios(ms)
+      samples = time_methods(input_shape, classes, batch, rounds, calls)
+      ms = {name: statistics.median(s) for name, s in samples.items()}
+      r = _ratios(samples)
       results.setdefault(model_name, {})[str(batch)] = {'ms': ms, **r}
       print(f'{model_name:>13} {batch:>5} ' +
             ' '.join(f'{ms[m]:>13.2f}' for m in METHODS) +
