@@ -20,7 +20,9 @@ channels, p = filters):
 The weighted backward pass reuses the first: the kernel gradient of a layer
 is linear in g, so the clipped sum is each layer's kernel gradient with
 g_i scaled by w_i (no second forward or backward through the network).
-`ghost_tape` times the textbook variant instead (the persistent tape's
+That function, `ghost_clipped_sum`, lives in `tf_dpsparse.keras.per_example`
+(moved there because this benchmark measured it >= 1.3x faster than the
+rows at batch 64); `ghost_tape` times the textbook variant instead (the persistent tape's
 second backward with output gradients w), to show what reuse buys.
 
 Timed, inside `tf.function`, warmed up, in interleaved rounds (times are
@@ -41,7 +43,6 @@ of minutes on 2 cores). Prints a table and writes
 """
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -60,32 +61,7 @@ MODELS = {'hapt_conv1d': ((128, 6), 6), 'mnist_conv2d': ((28, 28, 1), 10)}
 BATCHES = (16, 64, 256)
 METHODS = ('sgd', 'vectorized', 'ghost', 'ghost_tape')
 TOLERANCE = 1e-5
-_CONV = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D)
-_GHOST_LAYERS = (tf.keras.layers.Dense, *_CONV)
-
-
-def ghost_clipped_sum(keras_model, per_example_loss_fn, x, y, l2_norm_clip):
-  """`(clipped_sum, norms)` by ghost norms: the rows are never built.
-
-  Equal to `core.clipped_sum(per_example_gradients(...), clip)`: the flat
-  sum (in `keras_model.trainable_variables` order) of each example's
-  gradient of `per_example_loss_fn(y, keras_model(x))`, clipped to L2 <=
-  `l2_norm_clip`, and the norms before clipping. Each clip weight is
-  min(1, C / norm_i) of example i's exact gradient norm, so example i's
-  contribution is bounded exactly as on the materialized path, provided
-  that example i's loss reads example i only (no layer mixes the batch;
-  only Dense, Conv1D, Conv2D and weightless layers are accepted).
-  """
-  records, dzs, _ = _ghost_backward(keras_model, per_example_loss_fn, x, y)
-  norms, unfolded = _ghost_norms(records, dzs)
-  weights = _clip_weights(norms, l2_norm_clip)
-  grads = {}
-  for (layer, a, _), dz, per in zip(records, dzs, unfolded):
-    for v, g in zip(layer.trainable_variables,
-                    _weighted_layer_grads(layer, a, dz, per, weights)):
-      grads[id(v)] = g
-  return core.flatten([grads[id(v)] for v in
-                       keras_model.trainable_variables]), norms
+ghost_clipped_sum = per_example.ghost_clipped_sum
 
 
 def ghost_tape_clipped_sum(keras_model, per_example_loss_fn, x, y,
@@ -93,170 +69,15 @@ def ghost_tape_clipped_sum(keras_model, per_example_loss_fn, x, y,
   """`ghost_clipped_sum` with the textbook second pass: the tape's backward
   of the losses weighted by the clip weights (what Opacus and TF Privacy
   do, minus their second forward). For timing only: same result."""
-  records, dzs, (tape, losses) = _ghost_backward(
+  # pylint: disable=protected-access
+  records, dzs, (tape, losses) = per_example._ghost_backward(
       keras_model, per_example_loss_fn, x, y, persistent=True)
-  norms, _ = _ghost_norms(records, dzs)
-  weights = _clip_weights(norms, l2_norm_clip)
+  norms, _ = per_example._ghost_norms(records, dzs)
+  weights = tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
   grads = tape.gradient(losses, keras_model.trainable_variables,
                         output_gradients=weights)
   del tape
   return core.flatten(grads), norms
-
-
-def _ghost_backward(model, loss_fn, x, y, persistent=False):
-  """One forward and one backward to the pre-activations only.
-
-  Returns the (layer, input, pre-activation) records, the gradients of the
-  summed per-example losses with respect to each pre-activation (row i of
-  which is example i's, as no layer mixes the batch), and (tape, losses).
-  """
-  with tf.GradientTape(persistent=persistent) as tape:
-    records, a = [], x
-    for layer in model.layers:
-      if isinstance(layer, _GHOST_LAYERS) and layer.trainable:
-        z = _pre_activation(layer, a)
-        records.append((layer, a, z))
-        a = layer.activation(z)
-      elif layer.trainable_weights or isinstance(layer, tf.keras.Model):
-        raise ValueError(f'ghost clipping: unsupported layer {layer.name} '
-                         f'({type(layer).__name__}).')
-      else:
-        a = layer(a, training=True)
-    losses = tf.reshape(loss_fn(y, a), [-1])
-    total = tf.reduce_sum(losses)
-  covered = {id(v) for layer, _, _ in records
-             for v in layer.trainable_variables}
-  if covered != {id(v) for v in model.trainable_variables}:
-    raise ValueError('ghost clipping: a trainable variable is outside the '
-                     'Dense/Conv1D/Conv2D layers of the Sequential model.')
-  dzs = tape.gradient(total, [z for _, _, z in records])
-  return records, dzs, (tape, losses)
-
-
-def _pre_activation(layer, a):
-  """The layer's output before its activation, computed as Keras does."""
-  if isinstance(layer, tf.keras.layers.Dense):
-    if a.shape.rank != 2:
-      raise ValueError(f'ghost clipping: Dense {layer.name} on rank-'
-                       f'{a.shape.rank} inputs (only [n, d] is supported).')
-    z = tf.matmul(a, layer.kernel)
-  else:
-    if (layer.groups != 1 or layer.data_format != 'channels_last' or
-        layer.padding not in ('valid', 'same')):
-      raise ValueError(f'ghost clipping: {layer.name} needs channels_last, '
-                       "groups=1 and 'valid' or 'same' padding.")
-    z = layer.convolution_op(a, layer.kernel)
-  return z + layer.bias if layer.use_bias else z
-
-
-def _clip_weights(norms, l2_norm_clip):
-  """min(1, C / norm), as `core.clip_rows_by_l2_norm` scales its rows."""
-  return tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
-
-
-def _ghost_norms(records, dzs):
-  """Per-example gradient norms [n] over all layers, and per conv layer its
-  per-example kernel gradients when the unfold form was cheaper (else None),
-  which the weighted pass then reuses."""
-  squares, unfolded = [], []
-  for (layer, a, _), dz in zip(records, dzs):
-    if isinstance(layer, tf.keras.layers.Dense):
-      g2 = tf.reduce_sum(tf.square(dz), axis=1)
-      sq = tf.reduce_sum(tf.square(a), axis=1) * g2
-      squares.append(sq + g2 if layer.use_bias else sq)
-      unfolded.append(None)
-      continue
-    sq, per = _conv_squared_norms(layer, a, dz)
-    squares.append(sq)
-    unfolded.append(per)
-  return tf.sqrt(tf.add_n(squares)), unfolded
-
-
-def _conv_squared_norms(layer, a, dz):
-  """Squared per-example gradient norms of a Conv1D/Conv2D layer.
-
-  The Gram trick costs ~T^2 (D + p) per example, the unfold form ~T D p
-  (and keeps an [n, D, p] tensor): the cheaper one is taken, per layer.
-  """
-  patches = _patches(layer, a, dz.shape[1:-1])  # [n, T, D]
-  positions, taps = patches.shape[1], patches.shape[2]
-  g = tf.reshape(dz, [tf.shape(dz)[0], positions, dz.shape[-1]])
-  per = None
-  if _gram_is_cheaper(positions, taps, g.shape[-1]):
-    gram_a = tf.einsum('ntd,nsd->nts', patches, patches)
-    gram_g = tf.einsum('ntp,nsp->nts', g, g)
-    sq = tf.reduce_sum(gram_a * gram_g, axis=[1, 2])
-  else:
-    per = tf.einsum('ntd,ntp->ndp', patches, g)
-    sq = tf.reduce_sum(tf.square(per), axis=[1, 2])
-  if layer.use_bias:
-    sq += tf.reduce_sum(tf.square(tf.reduce_sum(g, axis=1)), axis=1)
-  return sq, per
-
-
-def _gram_is_cheaper(positions, taps, filters) -> bool:
-  """T^2 (D + p) < T D p: multiply-adds per example of the two forms."""
-  return positions * (taps + filters) < taps * filters
-
-
-def _patches(layer, a, out_size):
-  """Unfolded inputs [n, T, D], D ordered as the kernel's (taps, channels).
-
-  Strided slices of the (padded) input, one per kernel tap, stacked: 3-4x
-  faster on this CPU than `tf.image.extract_patches` (measured: 2.7 vs
-  12 ms for MNIST's first layer at batch 64), which made ghost norms lose.
-  """
-  spatial = a.shape.rank - 2
-  kernel, strides = layer.kernel_size, layer.strides
-  dilations = layer.dilation_rate
-  if layer.padding == 'same':
-    pads = [[0, 0]]
-    for size, o, k, s, d in zip(a.shape[1:1 + spatial], out_size, kernel,
-                                strides, dilations):
-      total = max((o - 1) * s + (k - 1) * d + 1 - size, 0)
-      pads.append([total // 2, total - total // 2])
-    a = tf.pad(a, pads + [[0, 0]])
-  windows = []
-  for offset in itertools.product(*[range(k) for k in kernel]):
-    index = [slice(None)]
-    for i, o, s, d in zip(offset, out_size, strides, dilations):
-      index.append(slice(i * d, i * d + (o - 1) * s + 1, s))
-    windows.append(a[tuple(index + [slice(None)])])
-  patches = tf.stack(windows, axis=-2)  # [n, *out, taps, channels]
-  return tf.reshape(patches, [tf.shape(a)[0], int(np.prod(out_size)), -1])
-
-
-def _weighted_layer_grads(layer, a, dz, per, weights):
-  """The layer's gradients of sum_i w_i loss_i, from its inputs and g.
-
-  Linear in g, so scaling row i of g by w_i gives exactly the gradient of
-  the weighted loss: the second backward pass, without re-running the
-  network. Uses the per-example kernel gradients `per` when present.
-  """
-  wdz = dz * tf.reshape(weights, [-1] + [1] * (dz.shape.rank - 1))
-  if isinstance(layer, tf.keras.layers.Dense):
-    kernel = tf.matmul(a, wdz, transpose_a=True)
-  elif per is not None:
-    kernel = tf.reshape(tf.einsum('n,ndp->dp', weights, per),
-                        layer.kernel.shape)
-  else:
-    kernel = _conv_kernel_gradient(layer, a, wdz)
-  if not layer.use_bias:
-    return [kernel]
-  return [kernel, tf.reduce_sum(wdz, axis=list(range(dz.shape.rank - 1)))]
-
-
-def _conv_kernel_gradient(layer, a, dz):
-  """A convolution's kernel gradient for output gradient dz (TF's op)."""
-  strides, rates = list(layer.strides), list(layer.dilation_rate)
-  shape = layer.kernel.shape
-  if isinstance(layer, tf.keras.layers.Conv1D):
-    a, dz = a[:, tf.newaxis], dz[:, tf.newaxis]
-    strides, rates, shape = [1, *strides], [1, *rates], [1, *shape]
-  kernel = tf.compat.v1.nn.conv2d_backprop_filter(
-      a, shape, dz, strides=[1, *strides, 1], padding=layer.padding.upper(),
-      dilations=[1, *rates, 1])
-  return tf.reshape(kernel, layer.kernel.shape)
 
 
 def _loss_fn():

@@ -2,14 +2,13 @@
 
 Ghost norms never build the [n, d] rows, so their privacy rests on one
 claim: each example's clip weight comes from its exact gradient norm. These
-tests check the norms and the clipped sum against the vectorized rows of
-`tds.keras.per_example.per_example_gradients` + `clip_rows_by_l2_norm` on
-tiny seeded Dense, Conv1D and Conv2D models covering both conv norm forms
-(Gram and unfold), 'same' padding, strides, dilation and a bias-free layer.
+tests check `tds.keras.per_example.ghost_clipped_sum`'s norms and clipped
+sum against the vectorized rows of `per_example_gradients` +
+`clip_rows_by_l2_norm` on tiny seeded Dense, Conv1D and Conv2D models
+covering both conv norm forms (Gram and unfold), 'same' padding, strides,
+dilation, a bias-free layer and sample weights; and that layers which could
+mix the batch are refused.
 """
-
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -17,11 +16,6 @@ import tensorflow as tf
 
 from tf_dpsparse import core
 from tf_dpsparse.keras import per_example
-
-_BENCH = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'ghost_bench.py'
-_spec = importlib.util.spec_from_file_location('ghost_bench', _BENCH)
-ghost_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ghost_bench)
 
 layers = tf.keras.layers
 _init = tf.keras.initializers.GlorotUniform
@@ -72,39 +66,50 @@ def _relative(got, want):
 
 
 @pytest.mark.parametrize('body', [_dense, _conv1d, _conv2d])
-@pytest.mark.parametrize('ghost', ['ghost_clipped_sum',
-                                   'ghost_tape_clipped_sum'])
-def test_ghost_norms_and_clipped_sum_equal_the_vectorized_rows(body, ghost):
+@pytest.mark.parametrize('weighted', [False, True])
+def test_ghost_norms_and_clipped_sum_equal_the_vectorized_rows(body,
+                                                               weighted):
   tf.keras.utils.set_random_seed(0)
   model = tf.keras.Sequential(body())
   x, y = _data(model.input_shape[1:])
+  # Weight-0 placeholders and a weight 2 (as the TFF client work pads).
+  weight = tf.constant([0., 1., 2.] * 4) if weighted else None
   rows = per_example.per_example_gradients(
-      model, _loss(), model.trainable_variables, x, y).numpy()
+      model, _loss(), model.trainable_variables, x, y, weight).numpy()
   norms = np.linalg.norm(rows, axis=1)
   clip = float(np.median(norms))  # half the examples clipped
   want = core.clip_rows_by_l2_norm(rows, clip)[0].numpy().sum(axis=0)
-  got_sum, got_norms = tf.function(
-      lambda: getattr(ghost_bench, ghost)(model, _loss(), x, y, clip))()
+  got_sum, got_norms = tf.function(lambda: per_example.ghost_clipped_sum(
+      model, _loss(), x, y, clip, sample_weight=weight))()
   assert _relative(got_norms.numpy(), norms) < 1e-5
   assert _relative(got_sum.numpy(), want) < 1e-5
 
 
 def test_both_conv_norm_forms_are_exercised(monkeypatch):
   chosen = []
-  pick = ghost_bench._gram_is_cheaper
-  monkeypatch.setattr(ghost_bench, '_gram_is_cheaper',
+  pick = per_example._gram_is_cheaper  # pylint: disable=protected-access
+  monkeypatch.setattr(per_example, '_gram_is_cheaper',
                       lambda *counts: chosen.append(pick(*counts)) or
                       chosen[-1])
   for body in (_conv1d, _conv2d):
     model = tf.keras.Sequential(body())
-    ghost_bench.ghost_clipped_sum(model, _loss(), *_data(
+    per_example.ghost_clipped_sum(model, _loss(), *_data(
         model.input_shape[1:]), 1.0)
   assert chosen == [False, True, False, True]
 
 
-def test_a_layer_that_mixes_the_batch_is_refused():
-  model = tf.keras.Sequential([layers.InputLayer(input_shape=(5,)),
-                               layers.BatchNormalization(), layers.Dense(3)])
+def test_a_layer_that_may_mix_the_batch_is_refused():
   x, y = _data((5,))
-  with pytest.raises(ValueError, match='unsupported layer'):
-    ghost_bench.ghost_clipped_sum(model, _loss(), x, y, 1.0)
+  for body in ([layers.BatchNormalization(), layers.Dense(3)],
+               [layers.Lambda(lambda t: t - tf.reduce_mean(t, axis=0)),
+                layers.Dense(3)]):
+    model = tf.keras.Sequential([layers.InputLayer(input_shape=(5,)), *body])
+    with pytest.raises(ValueError, match='unsupported layer'):
+      per_example.ghost_clipped_sum(model, _loss(), x, y, 1.0)
+
+
+def test_a_model_that_is_not_a_plain_sequential_is_refused():
+  inputs = tf.keras.Input((5,))
+  model = tf.keras.Model(inputs, layers.Dense(3)(inputs))
+  with pytest.raises(ValueError, match='Sequential'):
+    per_example.ghost_clipped_sum(model, _loss(), *_data((5,)), 1.0)
