@@ -80,6 +80,39 @@ def test_topk_catch_up_row_runs_only_where_devices_miss_rounds():
   assert 'no example-level' in paper_table._method('compress-dp', hapt)
 
 
+def test_subspace_rows_and_the_adam_baseline_take_each_setups_tuning():
+  """The sweep's winners (benchmarks/results/subspace_sweep.md) per set-up;
+  dense-Adam stays dense (TFF's DP-FedAvg at client level)."""
+  mnist = run_config.RunConfig(**paper_table.SETUPS['mnist'])
+  config, builder = paper_table._method('ours-subspace-2%', mnist)
+  assert (config.subspace, config.server_optimizer, config.server_learning_rate,
+          config.client_learning_rate, builder) == (0.02, 'adam', 0.1, 1.0,
+                                                    'ours')
+  config, builder = paper_table._method('dp-dense-adam', mnist)
+  assert (config.subspace, config.server_optimizer, builder) == (
+      None, 'adam', 'tff')
+  hapt = run_config.RunConfig(**paper_table.SETUPS['hapt'])
+  config, _ = paper_table._method('dp-dense-adam', hapt)
+  assert (config.upload_density, config.server_learning_rate,
+          config.client_learning_rate) == (1.0, 0.03, 0.3)
+
+
+def test_subspace_verdicts_compare_with_the_best_dense_row():
+  def result(accuracy, mb):
+    return {'summary': {'final_accuracy': accuracy, 'mb_up': mb,
+                        'mb_down': mb}}
+  by = {'fedavg': result(0.97, 100), 'dp-dense': result(0.95, 100),
+        'dp-dense-adam': result(0.96, 100),
+        'ours-subspace-2%': result(0.945, 1.5)}
+  lines = paper_table.subspace_verdicts(
+      by, {k: 100 * r['summary']['final_accuracy'] for k, r in by.items()})
+  assert lines == [
+      'ours-subspace-2%: 1.50 % of dense FedAvg bytes, catch-ups included '
+      '(target ≤ 2 %): met',
+      'ours-subspace-2%: -1.50 points against the best dense DP row '
+      '(dp-dense-adam; target ≥ −1): NOT met']
+
+
 def _refused(capsys, monkeypatch, argv):
   """Runs `tf-dpsparse bench argv` with training replaced by a failure, and
   returns its one line of stderr: a refused flag must stop before any

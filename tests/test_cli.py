@@ -405,3 +405,23 @@ def test_a_refused_budget_is_one_line_and_exit_2(monkeypatch, capsys):
   monkeypatch.setattr(cli, '_epsilon', refuse)
   assert cli.main(['epsilon', '-z', '1', '-q', '0.1', '--steps', '1']) == 2
   assert 'error: refused: spent 8, remaining 0' in capsys.readouterr().err
+
+
+def test_a_subspace_run_sends_its_coordinates_and_nothing_else(tmp_path):
+  """`run --subspace`: every round's bytes are all of z each way (8-bit
+  values, no index bytes) and its ε is the calibrated target's; the dense
+  baseline beside it trains the model's own weights."""
+  _simulation()
+  out = tmp_path / 'run'
+  assert cli.main(['run', '--dataset', 'digits', '--rounds', '2',
+                   '--subspace', '0.05', '--server-optimizer', 'adam',
+                   '--server-lr', '0.1', '--no-progress', '--out',
+                   str(out)]) == 0
+  sub, dense = json.loads((out / 'rounds.json').read_text())
+  assert sub['label'] == 'dp-subspace 0.05' and sub['config']['subspace'] == 0.05
+  assert dense['config']['subspace'] is None
+  dims = round(0.05 * sub['summary']['parameters'])
+  for record in sub['rounds']:  # 'all' header: a few bytes per device
+    per_device = record['bytes_up'] / record['clients']
+    assert dims <= per_device <= dims + 16, record
+  assert sub['summary']['epsilon'] == pytest.approx(8.0, abs=0.05)

@@ -78,6 +78,10 @@ def test_defaults_agree_with_tds_data_load():
     (dict(dataset='mnist', partition='natural'), 'mnist has no natural users'),
     (dict(catch_up_density=0.1), "catch_up_density applies to catch_up="),
     (dict(batch_size=None), 'batch_size must be given, got None'),
+    (dict(subspace=1.0), 'subspace must be in (0, 1)'),
+    (dict(subspace=0.02, catch_up='topk', privacy='client',
+          clients_per_round=5), "catch_up 'topk' has nothing to bound"),
+    (dict(server_optimizer='yogi'), "server_optimizer must be one of 'sgd'"),
 ])
 def test_invalid_values_are_refused_with_one_line(kwargs, message):
   with pytest.raises(ValueError) as e:
@@ -95,6 +99,16 @@ def test_a_flag_the_run_would_ignore_is_refused():
     RunConfig.from_flags({'dataset': 'digits', 'alpha': 0.1})
   assert RunConfig.from_flags({'dataset': 'digits', 'partition': 'dirichlet',
                                'alpha': 0.1}).alpha == 0.1
+
+
+def test_a_subspace_run_refuses_the_top_k_flags_it_would_ignore():
+  with pytest.raises(ValueError, match='--upload-density would be ignored: a '
+                     'subspace run sends all of its coordinates'):
+    RunConfig.from_flags({'subspace': 0.02, 'upload_density': 0.01})
+  config = RunConfig.from_flags({'subspace': 0.02, 'value_bits': 16})
+  dense = config.dense()  # the baseline: the model's own weights, float32
+  assert (dense.subspace, dense.value_bits, dense.upload_density) == (
+      None, 32, 1.0)
 
 
 def test_replace_and_dense_keep_a_valid_resolved_config():

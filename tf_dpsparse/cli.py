@@ -64,8 +64,9 @@ def _train(config: run_config.RunConfig, job: run_config.JobOptions) -> int:
   """
   from tf_dpsparse.federated import checkpoint  # imports TensorFlow
   from tf_dpsparse.federated import simulation
-  runs = [(config, f'dp-sparse ↑{config.upload_density:g} '
-                   f'↓{config.download_density:g}')]
+  runs = [(config, f'dp-subspace {config.subspace:g}' if config.subspace
+             else f'dp-sparse ↑{config.upload_density:g} '
+             f'↓{config.download_density:g}')]
   if job.baseline:
     runs.append((config.dense(), 'dense (same privacy)'))
   for planned, label in runs:

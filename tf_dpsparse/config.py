@@ -117,6 +117,13 @@ class RunConfig:
   catch_up_density: Optional[float] = _field(
       None, 'catch-up topk: fraction of the parameters per catch-up',
       valid=DENSITY, default_text='--download-density')
+  subspace: Optional[float] = _field(
+      None, 'train in a public random subspace of this fraction of the '
+      'weights (count sketch, seeded): devices train, upload and download '
+      'only its coordinates, all of them each way, so a device that missed '
+      'rounds catches up exactly at the same cost; replaces the top-k '
+      'densities', valid=PROBABILITY, default_text='off (top-k of the '
+      'weights)')
   privacy: Optional[str] = _field(
       'example', 'unit of privacy: example (local DP-SGD on each device; '
       'the server is not trusted), client (DP-FedAvg; trusted aggregator) '
@@ -144,6 +151,10 @@ class RunConfig:
   server_learning_rate: float = _field(
       1.0, 'server\'s learning rate on the averaged update', valid=POSITIVE,
       aliases=('--server-lr',))
+  server_optimizer: str = _field(
+      'sgd', 'server\'s optimizer on the averaged (noised) update: sgd '
+      '(FedAvg at learning rate 1) or adam; post-processing either way',
+      choices=('sgd', 'adam'))
   value_bits: int = _field(8, 'wire precision of the values sent each way',
                            choices=(32, 16, 8))
   seed: int = _field(0, 'data split, sampling and initial model (DP noise '
@@ -193,6 +204,9 @@ class RunConfig:
     self._resolve_clients()
     if self.catch_up_density is not None and self.catch_up != 'topk':
       raise ValueError("catch_up_density applies to catch_up='topk' only.")
+    if self.subspace is not None and self.catch_up != 'union':
+      raise ValueError('a subspace run catches up exactly with all of its '
+                       "coordinates: catch_up 'topk' has nothing to bound.")
     if self.privacy is not None and self.noise_multiplier is None and (
         self.target_epsilon is None):
       self.target_epsilon = DEFAULT_TARGET_EPSILON
@@ -234,6 +248,11 @@ class RunConfig:
       why['alpha'] = f'the partition is {self.partition}, not dirichlet'
     if self.catch_up != 'topk':
       why['catch_up_density'] = f'the catch-up is {self.catch_up}, not topk'
+    if self.subspace is not None:
+      why.update((name, 'a subspace run sends all of its coordinates each '
+                  'way (--subspace sets the bytes)') for name in (
+                      'upload_density', 'download_density',
+                      'shared_fraction'))
     return why
 
   @classmethod
@@ -265,9 +284,11 @@ class RunConfig:
     return self.privacy == 'client'
 
   def dense(self) -> 'RunConfig':
-    """The same run dense and float32 both ways: the baseline of every ratio."""
+    """The same run dense and float32 both ways, in the model's own weights:
+    the baseline of every ratio (same server optimizer and learning rates)."""
     return dataclasses.replace(self, upload_density=1.0, download_density=1.0,
-                               shared_fraction=0.0, value_bits=32)
+                               shared_fraction=0.0, value_bits=32,
+                               subspace=None)
 
   def resolved(self) -> 'RunConfig':
     """This config with every `None` that stands for a value spelled out

@@ -77,9 +77,9 @@ def build_process(config: RunConfig, model_fn, *, total_clients: int,
   return builder(
       model_fn,
       tff.learning.optimizers.build_sgdm(config.client_learning_rate),
-      tff.learning.optimizers.build_sgdm(config.server_learning_rate),
-      upload_density=config.upload_density,
-      download_density=config.download_density,
+      server_optimizer(config),
+      upload_density=None if config.subspace else config.upload_density,
+      download_density=None if config.subspace else config.download_density,
       privacy=config.privacy,
       l2_norm_clip=config.l2_norm_clip if private else None,
       noise_multiplier=config.noise_multiplier if private else None,
@@ -90,7 +90,16 @@ def build_process(config: RunConfig, model_fn, *, total_clients: int,
       batch_size=config.batch_size, local_steps=config.local_steps,
       min_client_examples=min_client_examples, value_bits=config.value_bits,
       shared_fraction=config.shared_fraction, catch_up=config.catch_up,
-      catch_up_density=config.catch_up_density, **extra)
+      catch_up_density=config.catch_up_density,
+      **({'subspace': config.subspace} if config.subspace else {}), **extra)
+
+
+def server_optimizer(config: RunConfig) -> tff.learning.optimizers.Optimizer:
+  """The config's server optimizer, TFF's (Adam with its defaults but the
+  learning rate). It steps on the noised aggregate: post-processing."""
+  if config.server_optimizer == 'adam':
+    return tff.learning.optimizers.build_adam(config.server_learning_rate)
+  return tff.learning.optimizers.build_sgdm(config.server_learning_rate)
 
 
 def model_fns(fed, seed: int):
@@ -293,7 +302,7 @@ def _summary(config: RunConfig, process, rounds: List[dict],
       'percent_of_dense': 100 * total_bytes / max(cumulative['dense'], 1),
       'seconds_per_round': float(np.mean([r['seconds'] for r in rounds]))
                            if rounds else 0.0,
-      'parameters': process.size,
+      'parameters': getattr(process, 'model_size', process.size),
   }
 
 
