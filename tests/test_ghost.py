@@ -113,3 +113,22 @@ def test_a_model_that_is_not_a_plain_sequential_is_refused():
   model = tf.keras.Model(inputs, layers.Dense(3)(inputs))
   with pytest.raises(ValueError, match='Sequential'):
     per_example.ghost_clipped_sum(model, _loss(), *_data((5,)), 1.0)
+
+
+@pytest.mark.parametrize('body', [_conv1d, _conv2d])
+def test_one_trace_serves_every_batch_size(body):
+  # Poisson-sampled batches have a dynamic size (`core.poisson_gaussian_
+  # average` traces its rows once); the ghost sum must trace the same way.
+  tf.keras.utils.set_random_seed(0)
+  model = tf.keras.Sequential(body())
+  shape = model.input_shape[1:]
+  ghost = tf.function(
+      lambda x, y: per_example.ghost_clipped_sum(model, _loss(), x, y, 0.5)[0],
+      input_signature=[tf.TensorSpec([None, *shape]),
+                       tf.TensorSpec([None], tf.int32)])
+  for n in (1, 7):
+    x, y = _data(shape, n)
+    rows = per_example.per_example_gradients(
+        model, _loss(), model.trainable_variables, x, y)
+    want = core.clipped_sum(rows, 0.5)[0].numpy()
+    assert _relative(ghost(x, y).numpy(), want) < 1e-5

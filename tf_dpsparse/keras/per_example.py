@@ -284,7 +284,8 @@ def _patches(layer, a, out_size):
       index.append(slice(i * d, i * d + (o - 1) * s + 1, s))
     windows.append(a[tuple(index + [slice(None)])])
   patches = tf.stack(windows, axis=-2)  # [n, *out, taps, channels]
-  return tf.reshape(patches, [tf.shape(a)[0], math.prod(out_size), -1])
+  return tf.reshape(patches, [-1, math.prod(out_size),
+                              math.prod(kernel) * a.shape[-1]])
 
 
 def _weighted_layer_grads(layer, a, dz, per, weights):
