@@ -489,3 +489,135 @@ def test_save_keeps_an_open_round_charge_and_refuses_mid_round(tmp_path):
   (tmp_path / 'other.npz').write_bytes(b'not a checkpoint')
   with pytest.raises(ValueError):
     tds.deploy.DeploymentServer.load(tmp_path / 'other.npz')
+
+
+# ---------------------------------------------------- a public subspace ---
+
+MODEL_SIZE, DIMS, SUB_SEED = 300, 30, 4
+
+
+def _origin():
+  return np.random.default_rng(7).normal(size=MODEL_SIZE).astype(np.float32)
+
+
+def _z_uploads(rng, rounds, clients=3, k=DIMS):
+  """Encoded z updates: k of the DIMS coordinates each (all of z by default)."""
+  return [[tds.wire.encode(_sparse(np.sort(rng.choice(DIMS, k, replace=False)),
+                                   rng.normal(size=k) * 0.3, DIMS))
+           for _ in range(clients)] for _ in range(rounds)]
+
+
+def test_a_subspace_server_trains_z_and_expands_the_model():
+  origin = _origin()
+  server = tds.deploy.DeploymentServer(origin, subspace=DIMS / MODEL_SIZE,
+                                       subspace_seed=SUB_SEED)
+  sub = tds.core.count_sketch(origin, DIMS, SUB_SEED)
+  assert (server.size, server.model_size) == (DIMS, MODEL_SIZE)
+  assert (server.upload_k, server.k) == (DIMS, DIMS)  # all of z each way
+  for name in sub._fields[:3]:
+    np.testing.assert_array_equal(getattr(server.subspace, name),
+                                  getattr(sub, name))
+  np.testing.assert_array_equal(server.public_coordinates, np.zeros(DIMS))
+  np.testing.assert_array_equal(server.public_weights, origin)
+  uploads = _z_uploads(np.random.default_rng(0), 1)[0]
+  for cid, payload in enumerate(uploads):
+    assert server.submit(cid, payload)
+  of_the_model = tds.wire.encode(_sparse([0], [1.], MODEL_SIZE))
+  assert not server.submit('d', of_the_model)  # uploads are of z
+  result = server.finish_round()
+  assert result.rejected_by_reason == {'wrong size': 1}
+  assert result.bytes_up == sum(map(len, uploads)) + len(of_the_model)
+  mean = np.mean([tds.wire.decode(p, DIMS).values for p in uploads], axis=0)
+  np.testing.assert_allclose(server.global_coordinates, -mean, atol=1e-6)
+  np.testing.assert_array_equal(server.global_weights,
+                                sub.expand(server.global_coordinates))
+  np.testing.assert_array_equal(server.public_weights,
+                                sub.expand(server.public_coordinates))
+  # The same subspace given as an object; one P the seed does not rebuild,
+  # or around another origin, is refused with the reason.
+  same = tds.deploy.DeploymentServer(origin, subspace=sub,
+                                     subspace_seed=SUB_SEED)
+  assert same.config == tds.deploy.DeploymentServer(
+      origin, subspace=DIMS, subspace_seed=SUB_SEED).config
+  with pytest.raises(ValueError, match='rebuild P from the seed'):
+    tds.deploy.DeploymentServer(origin, subspace=sub, subspace_seed=5)
+  with pytest.raises(ValueError, match='origin is not the initial weights'):
+    tds.deploy.DeploymentServer(origin + 1, subspace=sub,
+                                subspace_seed=SUB_SEED)
+  with pytest.raises(ValueError, match='upload_density is required'):
+    tds.deploy.DeploymentServer(origin, download_density=0.1)
+
+
+@pytest.mark.parametrize('download_density, value_bits', [
+    (1.0, 32), (1.0, 8), (0.3, 16)])
+def test_subspace_catch_up_lands_on_the_public_z_after_any_missed_rounds(
+    download_density, value_bits):
+  """A device synced at round r applies the catch-up bytes (or, one round
+  behind, the broadcast) and holds the server's public z bit for bit, and
+  so the same origin + P z, for 0, 1, 5 and 40 (> history) missed rounds;
+  every byte counted is a byte of a payload."""
+  rounds, history = 45, 8
+  server = tds.deploy.DeploymentServer(
+      _origin(), download_density=download_density, value_bits=value_bits,
+      history=history, subspace=DIMS, subspace_seed=SUB_SEED,
+      privacy=tds.privacy.ClientLevelDP(0.5, 0.8, 3, 30, seed=2))
+  whole = tds.wire.encoded_nbytes(np.arange(DIMS), DIMS)  # 'all', float32
+  views = {0: server.public_coordinates}  # round synced at -> the device's z
+  for payloads in _z_uploads(np.random.default_rng(1), rounds):
+    for cid, payload in enumerate(payloads):
+      assert server.submit(cid, payload)
+    result = server.finish_round()
+    assert result.bytes_up == sum(map(len, payloads))
+    assert result.bytes_down == len(result.download) == int(
+        tds.wire.encoded_nbytes(tds.wire.decode(result.download, DIMS).indices,
+                                DIMS, value_bits))
+    views[result.round_num] = tds.deploy.apply_broadcast(
+        views[result.round_num - 1], result.download)
+    np.testing.assert_array_equal(views[result.round_num],
+                                  server.public_coordinates)
+  if download_density == 1.0:  # no index bytes: a 6-byte header, s values
+    assert len(result.download) == 6 + tds.wire.values_nbytes(DIMS,
+                                                              value_bits)
+  for missed in (0, 1, 5, 40):
+    view = views[rounds - missed]
+    payload = server.catch_up(rounds - missed)
+    caught_up = tds.deploy.apply_catch_up(view, payload)
+    np.testing.assert_array_equal(caught_up, server.public_coordinates)
+    np.testing.assert_array_equal(server.subspace.expand(caught_up),
+                                  server.public_weights)
+    sent = tds.wire.decode(payload, DIMS)
+    assert len(payload) == int(tds.wire.encoded_nbytes(sent.indices, DIMS))
+    assert len(payload) <= whole  # never more than z itself
+    if missed == 0:
+      assert len(sent.indices) == 0
+    if missed > history or download_density == 1.0:
+      assert missed == 0 or len(payload) == whole  # z itself
+  np.testing.assert_array_equal(
+      tds.deploy.apply_broadcast(views[rounds - 1], result.download),
+      server.public_coordinates)
+
+
+def test_subspace_save_and_load_resume_exactly(tmp_path):
+  server = tds.deploy.DeploymentServer(
+      _origin(), download_density=0.5, value_bits=8, history=3,
+      subspace=DIMS, subspace_seed=SUB_SEED,
+      privacy=tds.privacy.ClientLevelDP(0.5, 1.1, 3, 30, seed=11),
+      epsilon_budget=50.0, server_learning_rate=0.7)
+  uploads = _z_uploads(np.random.default_rng(6), 5, k=5)
+  _play(server, uploads[:3])
+  path = tmp_path / 'server.npz'
+  server.save(path)
+  with np.load(path) as saved:  # P is rebuilt from origin and seed
+    assert {'subspace_origin', 'public'} <= set(saved.files)
+    assert all(saved[name].size <= MODEL_SIZE for name in saved.files)
+  loaded = tds.deploy.DeploymentServer.load(path)
+  assert loaded.config == server.config and loaded.size == DIMS
+  for name in ('origin', 'buckets', 'coefs'):
+    np.testing.assert_array_equal(getattr(loaded.subspace, name),
+                                  getattr(server.subspace, name))
+  assert _play(loaded, uploads[3:]) == _play(server, uploads[3:])
+  np.testing.assert_array_equal(loaded.global_weights, server.global_weights)
+  np.testing.assert_array_equal(loaded.public_weights, server.public_weights)
+  assert loaded.ledger.epsilon == server.ledger.epsilon
+  for last_sync in range(loaded.round_num + 1):
+    assert loaded.catch_up(last_sync) == server.catch_up(last_sync)

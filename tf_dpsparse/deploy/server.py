@@ -50,6 +50,15 @@ or public model non-finite or above half the float32 range: the model stays
 as it was, the round's charge stays on the ledger (conservative) and the
 next round is charged once, as any other. `save(path)` / `load(path)` keep
 the whole state on disk, written atomically; resuming is exact.
+
+A public random subspace (issue 18; `core.subspace`): with `subspace=`, the
+model is theta = origin + P z and everything above runs on z, as if z were
+the model's weights: uploads decode to `dims` values, the client-level
+noise has `dims` dimensions, the broadcast and the catch-up are of z, the
+ledger is unchanged. Only `global_weights` / `public_weights` expand z.
+Choosing the subspace releases nothing (`deploy.parametrization`), and
+every index choice above stays what it was: post-processing of DP values,
+or inside the trusted aggregator.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import tensorflow_privacy as tfp
 from tf_dpsparse import core
 from tf_dpsparse import wire
 from tf_dpsparse.deploy import checkpoint
+from tf_dpsparse.deploy.parametrization import deployed_subspace
 from tf_dpsparse.privacy.ledger import BudgetExhaustedError
 from tf_dpsparse.privacy.ledger import PrivacyLedger
 
@@ -171,6 +181,38 @@ def _server_bound(privacy, max_update_norm) -> Tuple[Optional[float], str]:
   return max_norm, policy
 
 
+def _coordinates(initial_weights, subspace, seed):
+  """`(core.Subspace or None, the initial coordinates)`: the checked initial
+  weights themselves, or z = 0 (theta = origin) in a subspace around them.
+
+  Every weight of origin + P z stays finite when z and the origin are
+  within `MAX_WEIGHT_MAGNITUDE` (|P z|_i <= max |z|: unit columns, one
+  nonzero per row), so the server's range checks on z suffice.
+  """
+  weights = np.asarray(initial_weights, np.float32)
+  if weights.ndim != 1 or not weights.size:
+    raise ValueError('initial_weights must be a non-empty flat vector, got '
+                     f'shape {weights.shape}.')
+  if not in_range(weights):
+    raise ValueError('initial_weights must be finite, within '
+                     f'±{MAX_WEIGHT_MAGNITUDE:.3g}.')
+  sub = deployed_subspace(weights, subspace, seed)
+  return sub, weights if sub is None else np.zeros(sub.dims, np.float32)
+
+
+def _densities(subspace, upload_density, download_density):
+  """The densities, required without a subspace; in one, default 1.0: all
+  of z each way, whose index set is implied (no index bytes)."""
+  densities = []
+  for name, density in (('upload_density', upload_density),
+                        ('download_density', download_density)):
+    if density is None and subspace is None:
+      raise ValueError(f'{name} is required (the fraction of the weights '
+                       'sent), unless training in a subspace.')
+    densities.append(1.0 if density is None else density)
+  return densities
+
+
 def in_range(weights) -> bool:
   """Whether every weight is finite and within `MAX_WEIGHT_MAGNITUDE`."""
   weights = tf.convert_to_tensor(weights, tf.float32)
@@ -214,9 +256,11 @@ class DeploymentServer:
     initial_weights: the flat float32 model every device starts from (e.g.
       `LiteClient.get_weights()` or `tds.core.flatten` of the Keras model's
       trainable variables).
-    upload_density: fraction of parameters in a device's upload; an upload
-      with more coordinates is rejected.
-    download_density: fraction of parameters in each download.
+    upload_density: fraction of the coordinates (the parameters, or z) in a
+      device's upload; an upload with more is rejected. Required without a
+      subspace; in one, default 1.0 (all of z, no index bytes).
+    download_density: fraction of the coordinates in each download (as
+      `upload_density`).
     value_bits: wire precision of download values (32, 16 or 8).
     history: downloads whose index sets are kept for exact catch-ups.
     privacy: None, `tds.privacy.ExampleLevelDP` or `tds.privacy.ClientLevelDP`
@@ -237,31 +281,37 @@ class DeploymentServer:
       untouched). Privacy: the skip depends on how many devices reported,
       which the accounting treats as public, as deployed DP-FedAvg does;
       under example level the server is untrusted and sees it anyway.
+    subspace: train in a public random subspace, theta = origin + P z with
+      origin = `initial_weights` (`core.subspace`): None (the weights
+      themselves), a fraction in (0, 1) of the weights or a number of
+      dimensions, from which `core.count_sketch` is built with
+      `subspace_seed`, or that `core.Subspace` itself (it must be the
+      seed's: `deploy.parametrization.deployed_subspace`). The server's
+      state, uploads, downloads and catch-ups are then z (`size` = dims).
+    subspace_seed: the seed devices rebuild P from.
   """
 
-  def __init__(self, initial_weights, *, upload_density: float,
-               download_density: float, value_bits: int = 32,
+  def __init__(self, initial_weights, *,
+               upload_density: Optional[float] = None,
+               download_density: Optional[float] = None, value_bits: int = 32,
                history: int = 32, privacy=None,
                server_learning_rate: float = 1.0, delta: float = 1e-5,
                epsilon_budget: Optional[float] = None,
                accountant: str = 'rdp',
                ledger: Optional[PrivacyLedger] = None,
                max_update_norm: Optional[float] = None,
-               min_clients: int = 0):
-    weights = np.asarray(initial_weights, np.float32)
-    if weights.ndim != 1 or not weights.size:
-      raise ValueError('initial_weights must be a non-empty flat vector, got '
-                       f'shape {weights.shape}.')
-    if not in_range(weights):
-      raise ValueError('initial_weights must be finite, within '
-                       f'±{MAX_WEIGHT_MAGNITUDE:.3g}.')
+               min_clients: int = 0, subspace=None, subspace_seed: int = 0):
+    self._subspace, weights = _coordinates(initial_weights, subspace,
+                                           subspace_seed)
+    upload_density, download_density = _densities(
+        self._subspace, upload_density, download_density)
     if value_bits not in wire.VALUE_BITS:
       raise ValueError(f'value_bits must be one of {wire.VALUE_BITS}, got '
                        f'{value_bits}.')
     if int(min_clients) != min_clients or min_clients < 0:
       raise ValueError(f'min_clients must be an integer >= 0, got '
                        f'{min_clients}.')
-    self.size = weights.size
+    self.size = weights.size  # what is trained and sent: the weights, or z
     self.upload_k = core.k_for_density(self.size, upload_density)
     self.k = core.k_for_density(self.size, download_density)
     self._bound_norm, self._bound_policy = _server_bound(privacy,
@@ -270,7 +320,9 @@ class DeploymentServer:
         upload_density=upload_density, download_density=download_density,
         value_bits=value_bits, history=history,
         server_learning_rate=float(server_learning_rate),
-        max_update_norm=max_update_norm, min_clients=int(min_clients))
+        max_update_norm=max_update_norm, min_clients=int(min_clients),
+        subspace=None if self._subspace is None else self._subspace.dims,
+        subspace_seed=int(subspace_seed))
     self._broadcast = core.sparse_broadcast(self.k, value_bits, history)
     self._state = self._broadcast.init(weights)
     self._global = tf.constant(weights)
@@ -285,14 +337,42 @@ class DeploymentServer:
     self._new_round()
 
   @property
-  def global_weights(self) -> np.ndarray:
-    """The server's model (private: DP, but never sent as it is)."""
+  def global_coordinates(self) -> np.ndarray:
+    """The server's model as it is trained: its weights, or z in a
+    subspace (DP, but never sent as it is)."""
     return self._global.numpy().copy()
 
   @property
-  def public_weights(self) -> np.ndarray:
-    """What every device that applied all downloads holds."""
+  def public_coordinates(self) -> np.ndarray:
+    """What every device that applied all downloads holds: the public
+    weights, or the public z in a subspace (downloads apply to it)."""
     return self._state.public.numpy().copy()
+
+  @property
+  def global_weights(self) -> np.ndarray:
+    """The server's flat model (in a subspace origin + P z)."""
+    return self._expand(self._global)
+
+  @property
+  def public_weights(self) -> np.ndarray:
+    """The flat model of an up-to-date device (in a subspace origin + P z
+    of the public z)."""
+    return self._expand(self._state.public)
+
+  def _expand(self, coordinates: tf.Tensor) -> np.ndarray:
+    if self._subspace is None:
+      return coordinates.numpy().copy()
+    return self._subspace.expand(coordinates).numpy()
+
+  @property
+  def subspace(self) -> Optional[core.Subspace]:
+    """The public subspace trained in (None: the weights themselves)."""
+    return self._subspace
+
+  @property
+  def model_size(self) -> int:
+    """The model's number of weights (`size` unless in a subspace)."""
+    return self.size if self._subspace is None else self._subspace.size
 
   @property
   def broadcast_state(self) -> core.BroadcastState:
@@ -485,7 +565,9 @@ class DeploymentServer:
     Global and public models, the broadcast state with its history, the DP
     query's state (its release counter: seeded noise continues), the
     ledger, the round number, the refusal counters and the configuration.
-    Between rounds only: after `finish_round`, or after `open_round` (the
+    In a subspace the models are z, and of P only what rebuilds it: the
+    origin, with the dimension and the seed in the configuration (never a
+    d x s matrix, nor the buckets). Between rounds only: after `finish_round`, or after `open_round` (the
     charge is saved, so a resumed server does not charge that round
     again). Saving after both keeps every charge across a crash. Refused
     once the open round has received an upload: a checkpoint holds no
@@ -504,6 +586,8 @@ class DeploymentServer:
         last_indices=state.last_indices.numpy(),
         last_values=state.last_values.numpy(),
         **checkpoint.query_state_arrays(self._query_state))
+    if self._subspace is not None:
+      arrays['subspace_origin'] = self._subspace.origin
     checkpoint.save(path, dict(
         config=self._config,
         privacy=checkpoint.privacy_to_dict(self._privacy),
@@ -522,7 +606,9 @@ class DeploymentServer:
     """
     meta, arrays = checkpoint.load(path)
     ledger = meta['ledger']
-    server = cls(arrays['public'],
+    # The initial weights only size the server (`_restore` puts the state
+    # in place); in a subspace they are the origin P is rebuilt around.
+    server = cls(arrays.get('subspace_origin', arrays['public']),
                  privacy=checkpoint.privacy_from_dict(meta['privacy']),
                  ledger=None if ledger is None else
                  PrivacyLedger.from_dict(ledger), **meta['config'])
@@ -561,11 +647,28 @@ class DeploymentServer:
 
     Current public values at every index broadcast since then
     (`tds.wire.catch_up_payload`): the device overwrites them with
-    `tds.wire.apply_catch_up` and holds `public_weights`. None: those
+    `tds.wire.apply_catch_up` and holds `public_coordinates`. None: those
     rounds left the history, or dense is smaller; send `public_weights`.
-    Post-processing of public downloads: no privacy cost.
+    In a subspace never None: the change of z since the sync (its current
+    values where it changed), or else z itself, exact at any staleness
+    (`_whole_catch_up`). Post-processing of public downloads: no privacy
+    cost.
     """
     if not 0 <= int(last_sync_round) <= self.round_num:
       raise ValueError(f'last_sync_round must be in [0, {self.round_num}], '
                        f'got {last_sync_round}.')
-    return wire.catch_up_payload(self._state, int(last_sync_round))
+    payload = wire.catch_up_payload(self._state, int(last_sync_round))
+    if payload is None and self._subspace is not None:
+      return self._whole_catch_up()
+    return payload
+
+  def _whole_catch_up(self) -> bytes:
+    """All of the public z as a catch-up payload (index code 'all': no
+    index bytes, s float32 values and a header): `wire.catch_up_payload`
+    returns None for it, since the header makes it a few bytes longer than
+    a raw dense model, but z is small and a device should receive bytes it
+    can validate. Values are float32 whatever `value_bits`: overwriting
+    with them is exact (see `tds.wire.catch_up_nbytes`)."""
+    public = self._state.public.numpy()
+    return wire.encode(core.SparseUpdate(
+        np.arange(public.size, dtype=np.int32), public, public.size))
