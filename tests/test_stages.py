@@ -25,6 +25,27 @@ def test_sparse_upload_conserves_and_clips_what_it_sends():
       float(tf.norm(state2.residual)))
 
 
+def test_without_clip_feedback_the_clipped_excess_is_dropped_not_kept():
+  """`clip_feedback=False`: the residual holds what top-k left and what the
+  wire rounded off, never what the clip removed (DP-FedAvg's clip)."""
+  update = tf.constant([3.0, -4.0, 0.5, 0.25])  # top-2: norm 5, clip to 1
+  kept = stages.sparse_upload(2, l2_norm_clip=1.0, value_bits=8)
+  dropped = stages.sparse_upload(2, l2_norm_clip=1.0, value_bits=8,
+                                 clip_feedback=False)
+  state = stages.UploadState(tf.zeros([4]))
+  sent, kept_state, _ = kept.update(update, state)
+  sent_too, dropped_state, metrics = dropped.update(update, state)
+  np.testing.assert_array_equal(sent.values, sent_too.values)
+  assert bool(metrics.clipped)
+  clipped = np.array([0.6, -0.8, 0.0, 0.0], np.float32)
+  sent_dense = tds.core.densify(sent).numpy()
+  np.testing.assert_allclose(dropped_state.residual,
+                             clipped - sent_dense + [0, 0, 0.5, 0.25],
+                             atol=1e-7)
+  np.testing.assert_allclose(kept_state.residual,
+                             update.numpy() - sent_dense, atol=1e-6)
+
+
 def test_sparse_broadcast_tracks_public_model_and_history():
   rng = np.random.default_rng(1)
   size, k, history = 50, 5, 3

@@ -57,13 +57,14 @@ class UploadMetrics(NamedTuple):
 
 
 def sparse_upload(k: int, *, l2_norm_clip: Optional[float] = None,
-                  value_bits: int = 32) -> Stage:
+                  value_bits: int = 32, clip_feedback: bool = True) -> Stage:
   """A device's upload: top-k of update + residual, clipped, wire-rounded.
 
   `update(flat_update, state, shared_indices=None)` returns `(sent,
   UploadState, UploadMetrics)` (`transforms.clipped_topk_with_error_feedback`
-  explains the clip and the shared indices). Nothing is lost: what is not
-  sent, clipped away or rounded off stays in the residual.
+  explains the clip, the shared indices and `clip_feedback`). Nothing is
+  lost: what is not sent, clipped away (unless `clip_feedback=False`) or
+  rounded off stays in the residual.
 
   Privacy: the indices are chosen from the update and the residual. Under
   example-level DP both are DP-SGD output (post-processing); under
@@ -78,7 +79,8 @@ def sparse_upload(k: int, *, l2_norm_clip: Optional[float] = None,
   def update(flat_update, state: UploadState, shared_indices=None):
     sent, residual, clipped = transforms.clipped_topk_with_error_feedback(
         flat_update, k, state.residual, l2_norm_clip,
-        shared_indices=shared_indices, value_bits=value_bits)
+        shared_indices=shared_indices, value_bits=value_bits,
+        clip_feedback=clip_feedback)
     return sent, UploadState(residual), UploadMetrics(clipped,
                                                       tf.norm(residual))
 

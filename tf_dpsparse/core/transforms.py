@@ -415,7 +415,8 @@ def topk_with_error_feedback(
 def clipped_topk_with_error_feedback(
     flat: tf.Tensor, k, residual: Optional[tf.Tensor],
     l2_norm_clip=None, *, shared_indices: Optional[tf.Tensor] = None,
-    value_bits: int = 32) -> Tuple[SparseUpdate, tf.Tensor, tf.Tensor]:
+    value_bits: int = 32, clip_feedback: bool = True
+) -> Tuple[SparseUpdate, tf.Tensor, tf.Tensor]:
   """Top-k of `flat + residual`, then the *sent* values clipped to `l2_norm_clip`.
 
   This is the device side of a client-level DP upload. Clipping what is sent,
@@ -428,7 +429,11 @@ def clipped_topk_with_error_feedback(
   (`to_wire_precision`, never growing a magnitude), the rounding error also
   kept in the residual. With `l2_norm_clip=None` and 32 bits this is
   `topk_with_error_feedback` (which explains `shared_indices`).
-  Returns `(sent, new_residual, was_clipped)`.
+  `clip_feedback=False` drops what clipping removes instead, as DP-FedAvg
+  does (top-k's and rounding's errors are still kept): when every device is
+  clipped every visit, the kept excess grows by about (norm - clip) a visit
+  and comes to outweigh the new update. Returns `(sent, new_residual,
+  was_clipped)`.
   """
   sparse, new_residual = topk_with_error_feedback(
       flat, k, residual, shared_indices=shared_indices)
@@ -436,9 +441,10 @@ def clipped_topk_with_error_feedback(
   if l2_norm_clip is not None:
     values, norm = clip_by_l2_norm(values, l2_norm_clip)
     clipped = norm > l2_norm_clip
+  kept_from = sparse.values if clip_feedback else values
   values = to_wire_precision(values, value_bits)
   if l2_norm_clip is not None or value_bits != 32:
-    new_residual += densify(sparse._replace(values=sparse.values - values))
+    new_residual += densify(sparse._replace(values=kept_from - values))
   return sparse._replace(values=values), new_residual, clipped
 
 
