@@ -8,8 +8,8 @@ vectorized; the weights, the outputs and the gradients are unchanged.
 
 `ghost_clipped_sum` is the same clipped sum without the [n, d] rows (ghost
 norms), for Sequential models of Dense/Conv1D/Conv2D and weightless
-per-example layers; measured 1.3-1.6x faster than the rows on the shipped
-CNNs at batch 64 (`benchmarks/ghost_bench.py`).
+per-example layers; measured 1.3-1.45x faster than the rows on the shipped
+CNNs at batch 64, 1.6x at 256 (`benchmarks/ghost_bench.py`).
 """
 
 from __future__ import annotations
@@ -127,8 +127,9 @@ def ghost_clipped_sum(keras_model: tf.keras.Sequential, per_example_loss_fn,
   (Dense: ||a_i|| ||g_i||; convolutions: the Gram trick or the unfold form,
   whichever costs less), and the clipped sum is each layer's gradient with
   example i's g scaled by w_i = min(1, C / norm_i): one forward, one
-  backward. Measured 1.3x (HAPT 1-D CNN) to 1.6x (MNIST 2-D CNN) faster
-  than the rows at batch 64 (`benchmarks/ghost_bench.py`).
+  backward. Measured 1.3-1.4x (HAPT 1-D CNN) and 1.4-1.45x (MNIST 2-D
+  CNN) faster than the rows at batch 64, 1.6x at batch 256
+  (`benchmarks/ghost_bench.py`, paired medians over 41 rounds).
 
   Privacy: w_i comes from example i's exact gradient norm, so example i's
   contribution is bounded by the clip exactly as on the materialized path,
