@@ -444,3 +444,125 @@ def test_three_devices_learn_digits_with_poisson_dp_sgd():
   # The server's ledger: each device's 200 Poisson steps at q = 16 / 500.
   assert server.ledger.epsilon == pytest.approx(tds.privacy.compute_epsilon(
       0.5, clients[0].sampling_rate(500), 200, 1e-5), rel=1e-9)
+
+
+# ---------------------------------------------------- a public subspace ---
+
+SUB_DIMS, SUB_SEED = 20, 3
+
+
+def _explicit_p(sub):
+  """P as a d x s matrix: for the reference only (never built by the code)."""
+  p = np.zeros((sub.size, sub.dims), np.float32)
+  p[np.arange(sub.size), sub.buckets] = sub.coefs
+  return p
+
+
+def reference_subspace_dp_sgd(model, data, sub, clip_first=False):
+  """DP-SGD on z through an explicit P, in TF and numpy: the model at
+  origin + P z, per-example jacobian rows, each pulled back (rows @ P) and
+  then clipped (the TFF client work's order; `clip_first` swaps it), the
+  mean, SGD on z. Returns z and the largest pulled-back row norm."""
+  variables, p = model.trainable_variables, _explicit_p(sub)
+  z, max_norm = np.zeros(sub.dims, np.float32), 0.0
+  for x, y in data:
+    for v, t in zip(variables, tds.core.unflatten(sub.origin + p @ z,
+                                                  variables)):
+      v.assign(t)
+    with tf.GradientTape() as tape:
+      losses = tf.keras.losses.sparse_categorical_crossentropy(
+          y, model(x), from_logits=True)
+    rows = np.concatenate([np.reshape(j, [BATCH, -1]) for j in
+                           tape.jacobian(losses, variables)], axis=1)
+    clip = lambda r: r * np.minimum(  # noqa: E731
+        1.0, CLIP / np.linalg.norm(r, axis=1, keepdims=True))
+    rows = clip(rows) @ p if clip_first else rows @ p
+    max_norm = max(max_norm, float(np.linalg.norm(rows, axis=1).max()))
+    z = z - LR * (rows if clip_first else clip(rows)).sum(axis=0) / BATCH
+  return z, max_norm
+
+
+@pytest.fixture(scope='module')
+def subspace_bytes():
+  return export(dense_model(), density=None, value_bits=8,
+                subspace=SUB_DIMS, subspace_seed=SUB_SEED)
+
+
+def test_subspace_device_trains_z_by_pullback_then_clip(subspace_bytes):
+  ops = tds.lite.operator_names(subspace_bytes)
+  assert not [op for op in ops if op.startswith('CUSTOM')], ops
+  assert {'GATHER', 'UNSORTED_SEGMENT_SUM'} <= set(ops)
+  model = dense_model()
+  sub = tds.core.count_sketch(tds.core.flatten(model.trainable_variables),
+                              SUB_DIMS, SUB_SEED)
+  client = tds.lite.LiteClient(subspace_bytes, value_bits=8)
+  assert (client.size, client.model_size, client.k) == (SUB_DIMS, sub.size,
+                                                        SUB_DIMS)
+  assert (client.subspace_dims, client.subspace_seed) == (SUB_DIMS, SUB_SEED)
+  np.testing.assert_array_equal(client.get_weights(), sub.origin)
+  data = batches(model, 4)
+  for x, y in data:
+    client.train(x, y)
+  expected, max_norm = reference_subspace_dp_sgd(model, data, sub)
+  assert max_norm > CLIP  # the clip on pulled-back rows was exercised
+  np.testing.assert_allclose(client.get_coordinates(), expected, atol=1e-5)
+  np.testing.assert_allclose(client.get_weights(),
+                             sub.origin + _explicit_p(sub) @ expected,
+                             atol=1e-5)
+  clip_first, _ = reference_subspace_dp_sgd(dense_model(), data, sub, True)
+  assert np.abs(clip_first - expected).max() > 1e-3  # the order matters
+  for v, t in zip(model.trainable_variables, tds.core.unflatten(
+      client.get_weights(), model.trainable_variables)):
+    v.assign(t)
+  np.testing.assert_allclose(client.infer(data[0][0]), model(data[0][0]),
+                             atol=1e-5)  # the device infers with origin + P z
+  # The upload is initial - trained of z: all of it, no index bytes, 8 bits
+  # (the rounding error kept in the device's residual).
+  payload = client.upload()
+  sent = tds.wire.decode(payload, SUB_DIMS)
+  assert len(payload) == 6 + tds.wire.values_nbytes(SUB_DIMS, 8)
+  np.testing.assert_allclose(sent.values, -expected, atol=2e-3)
+  with pytest.raises(ValueError, match='set_coordinates'):
+    client.set_weights(sub.origin)
+
+
+def test_subspace_devices_hold_the_servers_public_z(subspace_bytes):
+  """Devices applying the server's download bytes hold its public z bit for
+  bit, and the same origin + P z; one that missed every round catches up."""
+  clients = [tds.lite.LiteClient(subspace_bytes, value_bits=8)
+             for _ in range(3)]
+  late = tds.lite.LiteClient(subspace_bytes, value_bits=8)
+  server = tds.deploy.DeploymentServer(
+      clients[0].get_weights(), download_density=0.5, value_bits=8,
+      subspace=clients[0].subspace_dims,
+      subspace_seed=clients[0].subspace_seed)
+  for round_num in range(3):
+    for cid, client in enumerate(clients):
+      for x, y in batches(dense_model(), 2, seed=10 * round_num + cid):
+        client.train(x, y)
+      assert server.submit(cid, client.upload())
+    result = server.finish_round()
+    assert not result.rejected and result.bytes_down == len(result.download)
+    for client in clients:
+      client.apply_download(result.download)
+      np.testing.assert_array_equal(client.get_coordinates(),
+                                    server.public_coordinates)
+      np.testing.assert_array_equal(client.get_weights(),
+                                    server.public_weights)
+  assert result.residual_norm > 0  # the downloads really were sparse
+  late.apply_catch_up(server.catch_up(0))
+  np.testing.assert_array_equal(late.get_coordinates(),
+                                server.public_coordinates)
+  np.testing.assert_array_equal(late.get_weights(), server.public_weights)
+
+
+def test_subspace_export_refuses_what_it_cannot_rebuild():
+  model = dense_model()
+  weights = tds.core.flatten(model.trainable_variables).numpy()
+  with pytest.raises(ValueError, match='origin is not the initial weights'):
+    export(model, subspace=tds.core.count_sketch(weights + 1, 10, 0))
+  with pytest.raises(ValueError, match='rebuild P from the seed'):
+    export(model, subspace=tds.core.count_sketch(weights, 10, 1),
+           subspace_seed=2)
+  with pytest.raises(ValueError, match='density is required'):
+    export(model, density=None)

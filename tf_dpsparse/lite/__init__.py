@@ -10,6 +10,11 @@ examples (each joins with probability q = batch_size / n), the sampling
 public - trained weights (initial - trained, `tds.core.model_update`, the
 sign of every front). The server side of a deployment without TFF is
 `tds.deploy.DeploymentServer`.
+
+`export_client(subspace=...)` exports a device that trains z of a public
+random subspace, theta = origin + P z (issue 18): GATHER writes the model,
+UNSORTED_SEGMENT_SUM pulls each example's gradient back to z before the
+clip and the noise, and everything the device keeps or sends is of z.
 """
 
 from tf_dpsparse.lite.client import LiteClient

@@ -16,6 +16,12 @@ numpy rather than TensorFlow's global generator, which `tf.random.set_seed`
 would make repeat across runs. (The wrapper still imports TensorFlow through
 `tds.core`, for the codec and `core.padded_chunks`; the flatbuffer itself
 needs only the LiteRT runtime.)
+
+In a public random subspace (`export_client(subspace=...)`) the device
+trains, uploads and downloads z: `size` is the number of coordinates
+(`subspace_dims`), `get_coordinates` returns z and `get_weights` the model
+origin + P z, and `apply_catch_up` lands a returning device on the server's
+public z exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from tf_dpsparse.wire import codec
+from tf_dpsparse.wire import downloads
 from tf_dpsparse.core.sparse import SparseUpdate
 from tf_dpsparse.core.transforms import padded_chunks
 
@@ -50,7 +57,9 @@ class LiteClient:
   Attributes read from the flatbuffer: `batch_size` (the expected batch
   size, every step's denominator), `max_batch` (rows per `accumulate`
   call), `l2_norm_clip` and `noise_multiplier` (for the accountant),
-  `input_shape`, `k` and `size`.
+  `input_shape`, `k`, `size` (the coordinates trained and sent: the
+  weights, or z), `model_size` (the weights), and `subspace_dims` /
+  `subspace_seed` (None without a subspace; what the server is built with).
   """
 
   def __init__(self, model_bytes: bytes, *, value_bits: int = 32,
@@ -70,6 +79,11 @@ class LiteClient:
                  ['shape'][0])
     self.size = int(self._runners['set_weights'].get_input_details()['weights']
                     ['shape'][0])
+    self.model_size = int(self._runners['get_weights'].get_output_details()
+                          ['weights']['shape'][0])
+    dims = int(config.get('subspace_dims', 0))  # 0: no subspace
+    self.subspace_dims = dims or None
+    self.subspace_seed = int(config['subspace_seed']) if dims else None
     self.value_bits = value_bits
     self._rng = np.random.default_rng(sampling_seed)
 
@@ -159,16 +173,44 @@ class LiteClient:
     self._runners['apply_download'](indices=update.indices,
                                     values=update.values)
 
+  def apply_catch_up(self, payload: bytes) -> None:
+    """Applies a catch-up (`DeploymentServer.catch_up`: current public
+    values, which overwrite, `tds.wire.apply_catch_up`); the device then
+    holds the server's public coordinates exactly. Validated as a download."""
+    public = self._runners['save']()['public']
+    self.set_coordinates(downloads.apply_catch_up(public, payload))
+
   def get_weights(self) -> np.ndarray:
-    """The flat float32 weights, in `tds.core.flatten` order."""
+    """The model's flat float32 weights, in `tds.core.flatten` order (in a
+    subspace origin + P z)."""
     return self._runners['get_weights']()['weights']
 
+  def get_coordinates(self) -> np.ndarray:
+    """What the device trains and syncs: the weights, or z in a subspace."""
+    if 'get_coordinates' not in self._runners:  # exported before subspaces
+      return self.get_weights()
+    return self._runners['get_coordinates']()['coordinates']
+
   def set_weights(self, weights) -> None:
-    """A dense sync: weights and public model both become `weights`."""
-    self._runners['set_weights'](weights=self._vector(weights))
+    """A dense sync: weights and public model both become `weights`.
+
+    In a subspace the weights are origin + P z and P has no inverse: sync
+    z with `set_coordinates` (refused here, with that reason)."""
+    if self.subspace_dims is not None:
+      raise ValueError('this device trains in a subspace: its weights are '
+                       'origin + P z, which set_weights cannot invert; '
+                       'sync z with set_coordinates (the server\'s '
+                       'public_coordinates).')
+    self.set_coordinates(weights)
+
+  def set_coordinates(self, coordinates) -> None:
+    """A dense sync of what is trained (the weights, or z): it and the
+    public coordinates both become `coordinates`; the residual is kept."""
+    self._runners['set_weights'](weights=self._vector(coordinates))
 
   def save(self, path: str) -> None:
-    """Writes weights, public model and residual to a .npz file."""
+    """Writes weights, public model and residual (each of the coordinates:
+    z in a subspace) to a .npz file."""
     np.savez(path, **self._runners['save']())
 
   def restore(self, path: str) -> None:

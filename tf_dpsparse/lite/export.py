@@ -28,9 +28,22 @@ signatures, each a `tf.function` that calls `tds.core`:
   either uploaded or in the residual.
 * `apply_download(indices, values) -> num_applied`: adds a server download
   to the public model and makes it the weights.
-* `get_weights() -> weights`, `set_weights(weights) -> size` (a dense sync: it
-  sets weights and public model), and `save() -> weights, public, residual`
-  / `restore(...)` to persist the state across app restarts.
+* `get_weights() -> weights` (the model's flat weights), `get_coordinates()
+  -> coordinates` (what is trained and synced: the weights, or z),
+  `set_weights(weights) -> size` (a dense sync of the coordinates: it sets
+  them and the public ones), and `save() -> weights, public, residual` /
+  `restore(...)` (coordinates) to persist the state across app restarts.
+
+A public random subspace (issue 18, `subspace=`): the device trains z of
+theta = origin + P z (`core.subspace`: a count sketch around the model's
+current weights, rebuilt from `subspace_seed` by the server). The model is
+written as origin + P z by a GATHER, each example's gradient row is pulled
+back to z by an UNSORTED_SEGMENT_SUM (both TFLite builtins: measured), and
+every state vector above (public, residual, accumulator, upload, download)
+is of z. The order is the TFF client work's: per-example rows -> pullback
+-> clip -> noise, so DP-SGD's sensitivity is the clip in z-space and its
+noise has `dims` dimensions. Only the buckets and signs of P are baked in
+(O(d) constants), never a d x s matrix.
 
 Every state-changing signature returns a value: the converter silently
 drops a signature without outputs, side effects included (measured).
@@ -65,17 +78,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
+from tensorflow.lite.python.convert import ConverterError
 
 from tf_dpsparse import core
+from tf_dpsparse.deploy.parametrization import deployed_subspace
 from tf_dpsparse.lite import layers
 
 SIGNATURES = ('accumulate', 'step', 'config', 'infer', 'get_update',
-              'apply_download', 'get_weights', 'set_weights', 'save',
-              'restore')
+              'apply_download', 'get_weights', 'get_coordinates',
+              'set_weights', 'save', 'restore')
 
 
 def per_example_loss(logits, labels, num_classes: int):
@@ -84,16 +99,44 @@ def per_example_loss(logits, labels, num_classes: int):
       tf.one_hot(labels, num_classes) * tf.nn.log_softmax(logits), axis=-1)
 
 
+class _Coordinates(NamedTuple):
+  """What the device trains, and how that reaches the model (as the TFF
+  client work's `_Parametrization`).
+
+  Plain: the model's weights, as variables. In a subspace: z alone is a
+  variable; the model's parameters are origin + P z, recomputed (a GATHER)
+  wherever they are read, and gradient rows are pulled back to z.
+  """
+  variables: list  # the tf.Variables the optimizer steps
+  params: Callable[[], list]  # the model's parameters, in `layers.lower` order
+  pullback: Callable  # model gradient rows [n, d] -> coordinate rows [n, size]
+
+
+def _coordinates(variables, subspace) -> _Coordinates:
+  """The device's `_Coordinates` around the Keras `variables`' values."""
+  if subspace is None:
+    params = [tf.Variable(v.read_value(), name=v.name.split(':')[0])
+              for v in variables]
+    return _Coordinates(params, lambda: params, lambda rows: rows)
+  z = tf.Variable(tf.zeros([subspace.dims]), name='subspace_z')
+  return _Coordinates(
+      [z], lambda: core.unflatten(subspace.expand(z), variables),
+      subspace.pullback)
+
+
 class _ClientModule(tf.Module):
   """The device's computation and state; see the module docstring."""
 
   def __init__(self, keras_model, *, batch_size, max_batch, l2_norm_clip,
                noise_multiplier, density, learning_rate, num_classes,
-               update_l2_norm_clip, value_bits, seed):
+               update_l2_norm_clip, value_bits, seed, subspace,
+               subspace_seed):
     super().__init__()
     self._forward, variables = layers.lower(keras_model)
-    self._params = [tf.Variable(v.read_value(), name=v.name.split(':')[0])
-                    for v in variables]
+    self._coords = _coordinates(variables, subspace)
+    self._params = self._coords.variables  # what is trained: weights, or z
+    self._subspace = (0, 0) if subspace is None else (subspace.dims,
+                                                      subspace_seed)
     flat = core.flatten(self._params)
     self._size = int(flat.shape[0])
     self._k = core.k_for_density(self._size, density)
@@ -139,14 +182,17 @@ class _ClientModule(tf.Module):
     rows = self._max_batch
     with tf.GradientTape() as tape:
       copies = [tf.tile(tf.expand_dims(p, 0), [rows] + [1] * p.shape.rank)
-                for p in self._params]
+                for p in self._coords.params()]
       tape.watch(copies)
       losses = per_example_loss(self._forward(copies, x, True), y,
                                 self._num_classes)
       total = tf.reduce_sum(losses)
     grads = tf.concat([tf.reshape(g, [rows, -1])
                        for g in tape.gradient(total, copies)], axis=1)
-    clipped_sum, _ = core.clipped_sum(grads, self._clip, mask)
+    # In a subspace each row is pulled back to z *before* the clip, so the
+    # clip bounds one example's contribution to what is trained (z).
+    clipped_sum, _ = core.clipped_sum(self._coords.pullback(grads),
+                                      self._clip, mask)
     self._accumulator.assign_add(clipped_sum)
     # Not private: for the device's own display.
     return {'loss_sum': tf.reduce_sum(tf.where(mask, losses, 0.0))}
@@ -165,10 +211,12 @@ class _ClientModule(tf.Module):
     return {'batch_size': tf.constant(self._batch_size, tf.int32),
             'l2_norm_clip': tf.constant(self._clip, tf.float32),
             'noise_multiplier': tf.constant(self._noise_multiplier,
-                                            tf.float32)}
+                                            tf.float32),
+            'subspace_dims': tf.constant(self._subspace[0], tf.int32),
+            'subspace_seed': tf.constant(self._subspace[1], tf.int64)}
 
   def _infer(self, x):
-    return {'logits': self._forward(self._params, x, False)}
+    return {'logits': self._forward(self._coords.params(), x, False)}
 
   def _get_update(self):
     update = core.model_update(self._public, self._params)  # initial - trained
@@ -188,7 +236,10 @@ class _ClientModule(tf.Module):
     return {'num_applied': tf.size(indices)}
 
   def _get_weights(self):
-    return {'weights': core.flatten(self._params)}
+    return {'weights': core.flatten(self._coords.params())}
+
+  def _get_coordinates(self):
+    return {'coordinates': core.flatten(self._params)}
 
   def _set_weights(self, weights):
     self._public.assign(weights)
@@ -208,9 +259,16 @@ class _ClientModule(tf.Module):
 
 
 def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
-             density, learning_rate, num_classes, max_batch=None,
-             update_l2_norm_clip=None, value_bits=32, seed=None):
-  """Validates `export_client`'s arguments; returns them as keywords."""
+             learning_rate, num_classes, density=None, max_batch=None,
+             update_l2_norm_clip=None, value_bits=32, seed=None,
+             subspace=None, subspace_seed=0):
+  """Validates `export_client`'s arguments; returns them as keywords (the
+  subspace built: `deploy.deployed_subspace`, as the server builds it)."""
+  subspace = deployed_subspace(
+      core.flatten(keras_model.trainable_variables), subspace, subspace_seed)
+  if density is None and subspace is None:
+    raise ValueError('density is required (the fraction of the weights '
+                     'uploaded), unless training in a subspace.')
   if max_batch is None:
     max_batch = core.default_max_batch(batch_size)
   for name, value in (('batch_size', batch_size), ('max_batch', max_batch)):
@@ -235,9 +293,10 @@ def _checked(keras_model, *, batch_size, l2_norm_clip, noise_multiplier,
                      f'(None, {num_classes}) for num_classes={num_classes}.')
   return dict(batch_size=int(batch_size), max_batch=int(max_batch),
               l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-              density=density, learning_rate=learning_rate,
-              num_classes=num_classes, update_l2_norm_clip=update_l2_norm_clip,
-              value_bits=value_bits, seed=seed)
+              density=1.0 if density is None else density,
+              learning_rate=learning_rate, num_classes=num_classes,
+              update_l2_norm_clip=update_l2_norm_clip, value_bits=value_bits,
+              seed=seed, subspace=subspace, subspace_seed=int(subspace_seed))
 
 
 def client_module(keras_model: tf.keras.Model, **kwargs) -> tf.Module:
@@ -252,12 +311,14 @@ def client_module(keras_model: tf.keras.Model, **kwargs) -> tf.Module:
 
 
 def export_client(keras_model: tf.keras.Model, *, batch_size: int,
-                  l2_norm_clip: float, noise_multiplier: float, density: float,
+                  l2_norm_clip: float, noise_multiplier: float,
+                  density: Optional[float] = None,
                   learning_rate: float, num_classes: int,
                   max_batch: Optional[int] = None,
                   update_l2_norm_clip: Optional[float] = None,
                   value_bits: int = 32,
-                  seed: Optional[int] = None) -> bytes:
+                  seed: Optional[int] = None, subspace=None,
+                  subspace_seed: int = 0) -> bytes:
   """Converts `keras_model` into an on-device DP-SGD client (.tflite bytes).
 
   Args:
@@ -272,7 +333,9 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
       exactly this many examples.
     l2_norm_clip, noise_multiplier: DP-SGD's per-example clip C and noise
       std / C (0 turns noise off, e.g. for client-level DP or tests).
-    density: fraction of parameters uploaded by `get_update` (k is fixed).
+    density: fraction of the coordinates (the parameters, or z) uploaded by
+      `get_update` (k is fixed). Required without a subspace; in one,
+      default 1.0: all of z, no index bytes.
     learning_rate: the SGD step size of `step`.
     num_classes: labels are int32 in [0, num_classes).
     max_batch: the static number of rows of `accumulate` (default
@@ -285,24 +348,41 @@ def export_client(keras_model: tf.keras.Model, *, batch_size: int,
       the residual; create the `LiteClient` with the same `value_bits`.
     seed: makes the exported noise and dropout reproducible (tests only).
       None: LiteRT seeds them itself, so no two interpreters share noise.
+    subspace: train z of theta = origin + P z (see the module docstring),
+      origin the model's current weights: a fraction in (0, 1) of the
+      weights or a number of dimensions, built as `core.count_sketch` from
+      `subspace_seed`, or that `core.Subspace` (refused, with the reason,
+      unless it is the seed's sketch around these weights:
+      `tds.deploy.deployed_subspace`, the server's own check). Build the
+      server with the same `subspace` and `subspace_seed`
+      (`LiteClient.subspace_dims`, `LiteClient.subspace_seed`).
+    subspace_seed: the seed of P.
 
   Returns the flatbuffer, converted with TFLITE_BUILTINS only (no Flex, no
   custom ops). Raises `tds.lite.UnsupportedModelError` for a layer or
-  option it cannot train, before converting anything.
+  option it cannot train, before converting anything, and for a program
+  the converter cannot lower to builtins (the converter's reason in the
+  message).
   """
   module = client_module(
       keras_model, batch_size=batch_size, max_batch=max_batch,
       l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
       density=density, learning_rate=learning_rate, num_classes=num_classes,
       update_l2_norm_clip=update_l2_norm_clip, value_bits=value_bits,
-      seed=seed)
+      seed=seed, subspace=subspace, subspace_seed=subspace_seed)
   with tempfile.TemporaryDirectory() as saved_model_dir:
     tf.saved_model.save(module, saved_model_dir, signatures=module.functions)
     converter = tf.lite.TFLiteConverter.from_saved_model(
         saved_model_dir, signature_keys=list(SIGNATURES))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.experimental_enable_resource_variables = True
-    return converter.convert()
+    try:
+      return converter.convert()
+    except ConverterError as e:
+      raise layers.UnsupportedModelError(
+          'the device program needs operations outside TFLITE_BUILTINS (the '
+          'plain LiteRT runtime has no Flex or custom ops), so it is not '
+          f'exported: {e}') from e
 
 
 def export_client_to_file(keras_model: tf.keras.Model, path: str,
