@@ -14,6 +14,9 @@ median over `--steps` calls after warm-up. Also reported: one
 Poisson-sampled `train_step` over a device of `--device-examples` windows
 (a HAPT user holds about 330; the sample, and so the time, varies by step),
 and one `upload()` (get_update + encode) and its bytes. Writes `benchmarks/results/lite_bench.json`.
+With `--subspace 0.02` the client trains z of a public random subspace
+(issue 18: a GATHER writes the model, an UNSORTED_SEGMENT_SUM pulls each
+example's gradient back to z) and uploads all of z.
 
 Run: `python benchmarks/lite_bench.py` (`--quick` for fewer steps).
 """
@@ -67,7 +70,10 @@ def _parse_args():
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--device-examples', type=int, default=330,
                       help='windows on the device of the Poisson step')
-  parser.add_argument('--density', type=float, default=0.01)
+  parser.add_argument('--density', type=float, default=None,
+                      help='default 0.01 (all of z with --subspace)')
+  parser.add_argument('--subspace', type=float, default=None,
+                      help='train z of this fraction of the weights')
   parser.add_argument('--steps', type=int, default=30)
   parser.add_argument('--eager-steps', type=int, default=5)
   parser.add_argument('--threads', type=int, default=None,
@@ -81,10 +87,14 @@ def _parse_args():
 def _tf_step(model, settings):
   """The exported fixed-batch step (`accumulate`, then `step`) in TF."""
   functions = tds.lite.client_module(model, **settings).functions
-  mask = tf.ones([settings['batch_size']], tf.bool)
+  # One chunk of `max_batch` rows, the batch padded, as `LiteClient.train`.
+  rows = functions['accumulate'].input_signature[0].shape[0]
+  pad = rows - settings['batch_size']
+  mask = tf.range(rows) < settings['batch_size']
 
   def step(x, y):
-    functions['accumulate'](x, y, mask)
+    functions['accumulate'](tf.pad(x, [[0, pad], [0, 0], [0, 0]]),
+                            tf.pad(y, [[0, pad]]), mask)
     functions['step']()
 
   return step
@@ -105,7 +115,8 @@ def _measure(args, settings, steps, eager_steps):
   train = _tf_step(model, settings)
   x_tf, y_tf = tf.constant(x), tf.constant(y)
   row = {
-      'parameters': client.size,
+      'parameters': client.model_size,
+      'coordinates': client.size,  # the parameters, or z
       'k': client.k,
       'tflite_bytes': len(model_bytes),
       'operators': tds.lite.operator_names(model_bytes),
@@ -126,13 +137,15 @@ def _measure(args, settings, steps, eager_steps):
       lambda: keras_step(x_tf, y_tf), steps)
   row['upload_s'] = _median_s(client.upload, steps)
   row['upload_bytes'] = len(client.upload())
-  row['dense_bytes'] = tds.codec.dense_nbytes(client.size)
+  row['dense_bytes'] = tds.codec.dense_nbytes(client.model_size)
   return row
 
 
 def _report(row, args):
   custom = [op for op in row['operators'] if op.startswith('CUSTOM')]
-  print(f'HAPT model: {row["parameters"]:,} parameters, .tflite '
+  subspace = ('' if row['coordinates'] == row['parameters'] else
+              f' (trained in a subspace of {row["coordinates"]:,})')
+  print(f'HAPT model: {row["parameters"]:,} parameters{subspace}, .tflite '
         f'{row["tflite_bytes"] / 1e6:.2f} MB, {len(row["operators"])} operator '
         f'types, custom/Flex: {custom or "none"}; exported in '
         f'{row["export_s"]:.1f} s')
@@ -157,9 +170,11 @@ def _report(row, args):
 def main():
   args = _parse_args()
   steps, eager_steps = (5, 2) if args.quick else (args.steps, args.eager_steps)
+  density = args.density or (None if args.subspace else 0.01)
   settings = dict(batch_size=args.batch_size, l2_norm_clip=1.0,
-                  noise_multiplier=1.1, density=args.density,
-                  learning_rate=0.05, num_classes=NUM_CLASSES)
+                  noise_multiplier=1.1, density=density,
+                  learning_rate=0.05, num_classes=NUM_CLASSES,
+                  subspace=args.subspace)
   row = _measure(args, settings, steps, eager_steps)
   row.update(settings, device_examples=args.device_examples,
              litert_threads=args.threads,

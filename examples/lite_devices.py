@@ -22,6 +22,11 @@ it, and the run stops there.
 Prints the test accuracy of the model the devices hold, the bytes each way
 and ε.
 
+With `--subspace 0.02` the devices train in a public random subspace
+(issue 18): theta = origin + P z with z 2 % of the weights, P a count
+sketch every device and the server rebuild from `--subspace-seed`; uploads,
+downloads and the DP noise are of z (all of it each way, no index bytes).
+
 Run: `python examples/lite_devices.py` (`--devices 3 --rounds 5` is quicker).
 """
 
@@ -52,8 +57,15 @@ def parse_args():
   parser.add_argument('--learning-rate', type=float, default=0.5)
   parser.add_argument('--l2-norm-clip', type=float, default=1.0)
   parser.add_argument('--noise-multiplier', type=float, default=1.0)
-  parser.add_argument('--upload-density', type=float, default=0.02)
-  parser.add_argument('--download-density', type=float, default=0.1)
+  parser.add_argument('--upload-density', type=float, default=None,
+                      help='default 0.02 (all of z with --subspace)')
+  parser.add_argument('--download-density', type=float, default=None,
+                      help='default 0.1 (all of z with --subspace)')
+  parser.add_argument('--subspace', type=float, default=None,
+                      help='train z of a public random subspace of this '
+                      'fraction of the weights (the densities then apply '
+                      'to z, default all of it)')
+  parser.add_argument('--subspace-seed', type=int, default=0)
   parser.add_argument('--epsilon-budget', type=float, default=None,
                       help=f'stop before a round would spend more (δ={DELTA:g})')
   parser.add_argument('--seed', type=int, default=0,
@@ -61,6 +73,9 @@ def parse_args():
   args = parser.parse_args()
   if not 3 <= args.devices <= 10:
     parser.error('--devices must be in [3, 10].')
+  if args.subspace is None:  # top-k of the weights
+    args.upload_density = args.upload_density or 0.02
+    args.download_density = args.download_density or 0.1
   return args
 
 
@@ -99,9 +114,12 @@ def describe(args, users, local, test_y, model_bytes, devices, server):
   print(f'{args.devices} HAPT users {users}: '
         f'{sum(len(y) for _, y in local.values()):,} training windows; '
         f'test set {len(test_y):,} windows')
-  print(f'model: {server.size:,} parameters, .tflite {len(model_bytes):,} '
-        f'bytes; upload k = {device.k:,}, download k = {server.k:,} '
-        f'(dense update: {tds.codec.dense_nbytes(server.size):,} bytes)')
+  subspace = ('' if server.subspace is None else
+              f', trained in a subspace of {server.size:,} dimensions')
+  print(f'model: {server.model_size:,} parameters{subspace}, .tflite '
+        f'{len(model_bytes):,} bytes; upload k = {device.k:,}, download k = '
+        f'{server.k:,} (dense update: '
+        f'{tds.codec.dense_nbytes(server.model_size):,} bytes)')
   print(f'sampling: Poisson, each window joins each DP-SGD step with q = '
         f'{device.batch_size} / (the device\'s windows), q in '
         f'[{min(rates):.3f}, {max(rates):.3f}]; ε is the Poisson-subsampled '
@@ -120,19 +138,23 @@ def main():
   model_bytes = tds.lite.export_client(
       model, batch_size=args.batch_size, l2_norm_clip=args.l2_norm_clip,
       noise_multiplier=args.noise_multiplier, density=args.upload_density,
-      learning_rate=args.learning_rate, num_classes=data.num_classes)
+      learning_rate=args.learning_rate, num_classes=data.num_classes,
+      subspace=args.subspace, subspace_seed=args.subspace_seed)
   devices = {cid: tds.lite.LiteClient(model_bytes) for cid in users}
+  first = devices[users[0]]
   server = tds.deploy.DeploymentServer(
-      devices[users[0]].get_weights(), upload_density=args.upload_density,
+      first.get_weights(), upload_density=args.upload_density,
       download_density=args.download_density,
-      privacy=device_privacy(devices[users[0]], local, args.local_steps),
-      delta=DELTA, epsilon_budget=args.epsilon_budget)
+      privacy=device_privacy(first, local, args.local_steps),
+      delta=DELTA, epsilon_budget=args.epsilon_budget,
+      subspace=first.subspace_dims, subspace_seed=args.subspace_seed)
   describe(args, users, local, test_y, model_bytes, devices, server)
   print(f'initial accuracy {accuracy(devices[users[0]], test_x, test_y):.3f}')
   print(f'{"round":>5} {"accuracy":>8} {"accepted":>8} {"rejected":>8} '
         f'{"bytes up":>9} {"bytes down":>10} {"% dense":>8} {"ε":>7} '
         f'{"s":>5}')
-  dense_round_bytes = 2 * args.devices * tds.codec.dense_nbytes(server.size)
+  dense_round_bytes = 2 * args.devices * tds.codec.dense_nbytes(
+      server.model_size)
   total_bytes, rounds = 0, 0
   for round_num in range(1, args.rounds + 1):
     start = time.perf_counter()
