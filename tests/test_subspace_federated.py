@@ -103,3 +103,23 @@ def test_without_a_subspace_the_densities_are_required():
     federated.build_dp_sparse_fed_avg(
         model_fn, tff.learning.optimizers.build_sgdm(LR), privacy=None,
         download_density=1.0)
+
+
+def test_a_clipped_subspace_device_keeps_no_excess():
+  """Client level in a subspace drops what the clip removes
+  (`core.default_clip_feedback`): at 32 bits and density 1 the residual
+  stays zero; top-k of the weights keeps it."""
+  clients = digits_clients(2)
+  for subspace, kept in ((DIMS, False), (None, True)):
+    process = federated.build_dp_sparse_fed_avg(
+        model_fn, tff.learning.optimizers.build_sgdm(LR), privacy='client',
+        l2_norm_clip=1e-3, noise_multiplier=0.5, clients_per_round=2,
+        total_clients=4, seed=1, subspace=subspace,
+        **({} if subspace else dict(upload_density=1.0,
+                                    download_density=1.0)))
+    _, states, metrics = process.next(
+        process.initialize(), clients,
+        [process.initial_client_state(i) for i in range(2)])
+    assert metrics['clipped_fraction'] == 1.0
+    norms = [np.linalg.norm(s['residual']) for s in states]
+    assert (min(norms) > 0.01) if kept else max(norms) == 0.0, norms

@@ -16,6 +16,7 @@ from tf_dpsparse.core.stages import Stage
 from tf_dpsparse.core.stages import UploadState
 from tf_dpsparse.core.stages import ViewState
 from tf_dpsparse.core.stages import apply_update
+from tf_dpsparse.core.stages import default_clip_feedback
 from tf_dpsparse.core.stages import model_update
 from tf_dpsparse.core.stages import sparse_broadcast
 from tf_dpsparse.core.stages import sparse_upload
@@ -46,7 +47,8 @@ from tf_dpsparse.core.transforms import unflatten
 __all__ = [
     'BOUND_POLICIES', 'BoundMetrics', 'bound_update', 'robust_l2_norm',
     'BroadcastState', 'SparseUpdate', 'Stage', 'UploadState', 'ViewState',
-    'apply_update', 'model_update', 'sparse_broadcast', 'sparse_upload',
+    'apply_update', 'default_clip_feedback', 'model_update',
+    'sparse_broadcast', 'sparse_upload',
     'stages', 'subspace', 'Subspace', 'count_sketch', 'subspace_dims',
     'topk_catch_up', 'add_gaussian_noise', 'clip_by_l2_norm',
     'clip_rows_by_l2_norm', 'clipped_sum', 'clipped_topk_with_error_feedback',

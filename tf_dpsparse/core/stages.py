@@ -87,6 +87,16 @@ def sparse_upload(k: int, *, l2_norm_clip: Optional[float] = None,
   return Stage(init, update)
 
 
+def default_clip_feedback(subspace) -> bool:
+  """Whether a device keeps what the client-level clip removes (`clip_feedback`
+  of `sparse_upload`), by default: yes for top-k of the model's weights (the
+  package's behaviour all along), no in a subspace (`core.Subspace`, None
+  otherwise), where every device was clipped on every visit and the kept
+  excess outgrew the updates: MNIST cross-device, 2 %, 100 rounds, ε = 8,
+  float32: 0.896 kept against 0.939 dropped (issue 18's closing note)."""
+  return subspace is None
+
+
 class BroadcastState(NamedTuple):
   """The server's download state; every field is public (post-processing).
 

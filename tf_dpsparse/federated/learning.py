@@ -366,7 +366,8 @@ def build_dp_sparse_fed_avg_process(
       catch_up=catch_up, catch_up_density=catch_up_density,
       value_bits=value_bits)
   upload = core.sparse_upload(k_up, value_bits=value_bits, l2_norm_clip=(
-      None if privacy is None else privacy.upload_clip))
+      None if privacy is None else privacy.upload_clip),
+                              clip_feedback=core.default_clip_feedback(subspace))
   dp_sgd = privacy if isinstance(privacy, privacy_lib.ExampleLevelDP) else None
 
   @tff.tensorflow.computation(weights_type, data_type, state_type, np.int32,

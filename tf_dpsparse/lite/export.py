@@ -148,6 +148,7 @@ class _ClientModule(tf.Module):
     self._clip, self._noise_multiplier = l2_norm_clip, noise_multiplier
     self._learning_rate, self._num_classes = learning_rate, num_classes
     self._update_clip, self._value_bits = update_l2_norm_clip, value_bits
+    self._clip_feedback = core.default_clip_feedback(subspace)  # as TFF's
     self._seed = seed
     self.functions = self._functions(list(keras_model.input_shape[1:]))
 
@@ -221,7 +222,8 @@ class _ClientModule(tf.Module):
   def _get_update(self):
     update = core.model_update(self._public, self._params)  # initial - trained
     upload = core.sparse_upload(self._k, l2_norm_clip=self._update_clip,
-                                value_bits=self._value_bits)
+                                value_bits=self._value_bits,
+                                clip_feedback=self._clip_feedback)
     sparse, state, _ = upload.update(update,
                                      core.UploadState(self._residual))
     self._residual.assign(state.residual)
