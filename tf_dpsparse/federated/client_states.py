@@ -23,8 +23,13 @@ class ClientStateStore:
   `initial_view` (flat float32[size], the initial public model) adds a view
   per device, for `catch_up='topk'`; `path` memory-maps the residuals there
   and the views beside them (`<path>.views.npy`). Those files are the
-  store's working memory, changed in place every round, not a checkpoint: a
-  run's checkpoint saves a copy (`state_dict`) after `flush`.
+  store's working memory, changed in place every round, not a checkpoint.
+
+  The store remembers which devices changed since the last checkpoint
+  (`changed`, cleared by `mark_saved`), so a run's checkpoint writes only
+  those rows — a round's sampled devices, not all of them — and restores
+  with `set_rows` (`tf_dpsparse.federated.checkpoint.DeviceJournal`).
+  Writing into `state_dict()`'s arrays directly bypasses that record.
   """
 
   def __init__(self, num_clients: int, size: int, *, dtype=np.float32,
@@ -51,6 +56,7 @@ class ClientStateStore:
                           np.float32)
       self._views[:] = initial_view
     self._last_sync = np.zeros(num_clients, np.int32)
+    self._changed = np.zeros(num_clients, bool)
 
   @property
   def num_clients(self) -> int:
@@ -75,10 +81,12 @@ class ClientStateStore:
       if self._views is not None:
         self._views[i] = state['view']
       self._last_sync[i] = state['last_sync_round']
+      self._changed[i] = True
 
   def flush(self) -> None:
     """Writes a memory-mapped store's pending changes to its files (a no-op
-    in memory), so the files match what a checkpoint records."""
+    in memory), for a reader of the files; checkpoints do not need it (they
+    keep their own copy)."""
     for array in (self._residuals, self._views):
       if isinstance(array, np.memmap):
         array.flush()
@@ -106,6 +114,7 @@ class ClientStateStore:
         raise ValueError(f'{name}: {value.dtype}{list(value.shape)} does not '
                          f'fit this store\'s {array.dtype}{list(array.shape)}.')
       array[...] = value
+    self._changed[:] = True
     self.flush()
 
   def residual(self, client_id: int) -> np.ndarray:
@@ -116,3 +125,27 @@ class ClientStateStore:
     if self._views is None:
       raise ValueError('this store keeps no views (no initial_view given).')
     return np.array(self._views[client_id])
+
+  def changed(self) -> np.ndarray:
+    """The ids (sorted) of the devices whose state changed since the last
+    `mark_saved`: all an incremental checkpoint has to write."""
+    return np.flatnonzero(self._changed)
+
+  def mark_saved(self, client_ids=None) -> None:
+    """Forgets the changes of `client_ids` (all by default), once a
+    checkpoint holds them durably; call it only then, or a crash loses
+    them."""
+    self._changed[slice(None) if client_ids is None else client_ids] = False
+
+  def set_rows(self, client_ids, rows) -> None:
+    """Writes `{name: rows}` under `state_dict()`'s names (one row per id,
+    or one row broadcast to all) into those devices' rows; they count as
+    changed until `mark_saved`."""
+    ids = np.asarray(client_ids, np.int64)
+    mine = self.state_dict()
+    if list(rows) != list(mine):
+      raise ValueError(f'rows have {list(rows)}, this store keeps '
+                       f'{list(mine)}.')
+    for name, array in mine.items():
+      array[ids] = rows[name]
+    self._changed[ids] = True
