@@ -561,7 +561,7 @@ def test_subspace_catch_up_lands_on_the_public_z_after_any_missed_rounds(
       _origin(), download_density=download_density, value_bits=value_bits,
       history=history, subspace=DIMS, subspace_seed=SUB_SEED,
       privacy=tds.privacy.ClientLevelDP(0.5, 0.8, 3, 30, seed=2))
-  whole = tds.wire.encoded_nbytes(np.arange(DIMS), DIMS)  # 'all', float32
+  whole = tds.wire.dense_nbytes(DIMS)  # z, raw float32
   views = {0: server.public_coordinates}  # round synced at -> the device's z
   for payloads in _z_uploads(np.random.default_rng(1), rounds):
     for cid, payload in enumerate(payloads):
@@ -581,17 +581,22 @@ def test_subspace_catch_up_lands_on_the_public_z_after_any_missed_rounds(
   for missed in (0, 1, 5, 40):
     view = views[rounds - missed]
     payload = server.catch_up(rounds - missed)
-    caught_up = tds.deploy.apply_catch_up(view, payload)
+    if payload is None:  # z itself, raw float32: what TFF counts
+      assert missed > history or download_density == 1.0
+      caught_up, nbytes = server.public_coordinates, whole
+    else:
+      caught_up, nbytes = tds.deploy.apply_catch_up(view, payload), len(payload)
+      sent = tds.wire.decode(payload, DIMS)
+      assert len(payload) == int(tds.wire.encoded_nbytes(sent.indices, DIMS))
+      assert missed > 0 or len(sent.indices) == 0
     np.testing.assert_array_equal(caught_up, server.public_coordinates)
     np.testing.assert_array_equal(server.subspace.expand(caught_up),
                                   server.public_weights)
-    sent = tds.wire.decode(payload, DIMS)
-    assert len(payload) == int(tds.wire.encoded_nbytes(sent.indices, DIMS))
-    assert len(payload) <= whole  # never more than z itself
-    if missed == 0:
-      assert len(sent.indices) == 0
-    if missed > history or download_density == 1.0:
-      assert missed == 0 or len(payload) == whole  # z itself
+    assert nbytes <= whole  # never more than z itself
+    assert nbytes == int(tds.wire.catch_up_nbytes(
+        server.broadcast_state.history_indices,
+        server.broadcast_state.history_rounds,
+        rounds - missed, rounds, DIMS, value_bits)) or missed in (0, 1)
   np.testing.assert_array_equal(
       tds.deploy.apply_broadcast(views[rounds - 1], result.download),
       server.public_coordinates)

@@ -648,27 +648,14 @@ class DeploymentServer:
     Current public values at every index broadcast since then
     (`tds.wire.catch_up_payload`): the device overwrites them with
     `tds.wire.apply_catch_up` and holds `public_coordinates`. None: those
-    rounds left the history, or dense is smaller; send `public_weights`.
-    In a subspace never None: the change of z since the sync (its current
-    values where it changed), or else z itself, exact at any staleness
-    (`_whole_catch_up`). Post-processing of public downloads: no privacy
-    cost.
+    rounds left the history, or dense is smaller; send the device
+    `public_coordinates` as raw float32 (4 bytes a value, exactly what
+    `tds.wire.catch_up_nbytes` and the TFF front count). In a subspace that
+    is z itself, exact at any staleness (a device sets it with
+    `LiteClient.set_coordinates`); with the weights, the dense model.
+    Post-processing of public downloads: no privacy cost.
     """
     if not 0 <= int(last_sync_round) <= self.round_num:
       raise ValueError(f'last_sync_round must be in [0, {self.round_num}], '
                        f'got {last_sync_round}.')
-    payload = wire.catch_up_payload(self._state, int(last_sync_round))
-    if payload is None and self._subspace is not None:
-      return self._whole_catch_up()
-    return payload
-
-  def _whole_catch_up(self) -> bytes:
-    """All of the public z as a catch-up payload (index code 'all': no
-    index bytes, s float32 values and a header): `wire.catch_up_payload`
-    returns None for it, since the header makes it a few bytes longer than
-    a raw dense model, but z is small and a device should receive bytes it
-    can validate. Values are float32 whatever `value_bits`: overwriting
-    with them is exact (see `tds.wire.catch_up_nbytes`)."""
-    public = self._state.public.numpy()
-    return wire.encode(core.SparseUpdate(
-        np.arange(public.size, dtype=np.int32), public, public.size))
+    return wire.catch_up_payload(self._state, int(last_sync_round))
