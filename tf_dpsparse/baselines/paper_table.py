@@ -90,7 +90,7 @@ OURS = {'ours-2%': (0.02, 'union', None), 'ours-1%': (0.01, 'union', None),
 # client SGD lr 1 at client level, 3 at example level (10 at 1 %: the
 # pulled-back per-example gradients are small).
 SUBSPACE = {'ours-subspace-1%': 0.01, 'ours-subspace-2%': 0.02,
-            'ours-subspace-4%': 0.04}
+            'ours-subspace-3%': 0.03, 'ours-subspace-4%': 0.04}
 TUNED = {
     'mnist': {'dp-dense-adam': dict(server_optimizer='adam',
                                     server_learning_rate=0.01),
@@ -100,6 +100,9 @@ TUNED = {
               'ours-subspace-2%': dict(server_optimizer='adam',
                                        server_learning_rate=0.1,
                                        client_learning_rate=1.0),
+              'ours-subspace-3%': dict(server_optimizer='adam',
+                                       server_learning_rate=0.08,
+                                       client_learning_rate=1.0),
               'ours-subspace-4%': dict(server_optimizer='adam',
                                        server_learning_rate=0.05,
                                        client_learning_rate=1.0)},
@@ -108,6 +111,9 @@ TUNED = {
                                    client_learning_rate=0.3),
              'ours-subspace-1%': dict(client_learning_rate=10.0),
              'ours-subspace-2%': dict(server_optimizer='adam',
+                                      server_learning_rate=0.1,
+                                      client_learning_rate=3.0),
+             'ours-subspace-3%': dict(server_optimizer='adam',
                                       server_learning_rate=0.1,
                                       client_learning_rate=3.0),
              'ours-subspace-4%': dict(server_optimizer='adam',
