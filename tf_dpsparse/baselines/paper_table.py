@@ -91,34 +91,25 @@ OURS = {'ours-2%': (0.02, 'union', None), 'ours-1%': (0.01, 'union', None),
 # pulled-back per-example gradients are small).
 SUBSPACE = {'ours-subspace-1%': 0.01, 'ours-subspace-2%': 0.02,
             'ours-subspace-3%': 0.03, 'ours-subspace-4%': 0.04}
+
+
+def _adam(server_learning_rate: float, client_learning_rate: float) -> dict:
+  return dict(server_optimizer='adam', client_learning_rate=client_learning_rate,
+              server_learning_rate=server_learning_rate)
+
+
 TUNED = {
     'mnist': {'dp-dense-adam': dict(server_optimizer='adam',
                                     server_learning_rate=0.01),
-              'ours-subspace-1%': dict(server_optimizer='adam',
-                                       server_learning_rate=0.2,
-                                       client_learning_rate=1.0),
-              'ours-subspace-2%': dict(server_optimizer='adam',
-                                       server_learning_rate=0.1,
-                                       client_learning_rate=1.0),
-              'ours-subspace-3%': dict(server_optimizer='adam',
-                                       server_learning_rate=0.08,
-                                       client_learning_rate=1.0),
-              'ours-subspace-4%': dict(server_optimizer='adam',
-                                       server_learning_rate=0.05,
-                                       client_learning_rate=1.0)},
-    'hapt': {'dp-dense-adam': dict(server_optimizer='adam',
-                                   server_learning_rate=0.03,
-                                   client_learning_rate=0.3),
-             'ours-subspace-1%': dict(client_learning_rate=10.0),
-             'ours-subspace-2%': dict(server_optimizer='adam',
-                                      server_learning_rate=0.1,
-                                      client_learning_rate=3.0),
-             'ours-subspace-3%': dict(server_optimizer='adam',
-                                      server_learning_rate=0.1,
-                                      client_learning_rate=3.0),
-             'ours-subspace-4%': dict(server_optimizer='adam',
-                                      server_learning_rate=0.1,
-                                      client_learning_rate=3.0)},
+              'ours-subspace-1%': _adam(0.2, 1.0),
+              'ours-subspace-2%': _adam(0.1, 1.0),
+              'ours-subspace-3%': _adam(0.08, 1.0),
+              'ours-subspace-4%': _adam(0.05, 1.0)},
+    'hapt': {'dp-dense-adam': _adam(0.03, 0.3),
+             'ours-subspace-1%': dict(client_learning_rate=10.0),  # server SGD
+             'ours-subspace-2%': _adam(0.1, 3.0),
+             'ours-subspace-3%': _adam(0.1, 3.0),
+             'ours-subspace-4%': _adam(0.1, 3.0)},
 }
 TUNED['digits'] = TUNED['hapt']  # --quick: example level, as HAPT
 METHODS = ('fedavg', 'dp-dense', 'dp-dense-adam', 'compress', 'compress-dp',
