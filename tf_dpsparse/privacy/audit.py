@@ -351,7 +351,7 @@ def gaussian_fit_epsilon(inserted, held_out, delta: float, level: float = 0.9,
   at δ = 1e-5 that tail sets ε. In the scalar game of
   tests/test_audit.py (a canary's projection after T Poisson-sampled
   Gaussian steps, exactly the accounted ε) their fit exceeds the accounted
-  ε in up to 64 % of seeds; this one's estimand, q sqrt(T) / σ for that
+  ε in up to 65 % of seeds; this one's estimand, q sqrt(T) / σ for that
   linear statistic, is below the mechanism's μ-GDP (CLT: q sqrt(T (e^(1 /
   σ²) - 1)), Dong, Roth & Su 2022), so below the accounted ε.
 
