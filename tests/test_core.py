@@ -334,6 +334,38 @@ def test_an_empty_poisson_sample_still_releases_the_noise():
   assert np.all(average.numpy() != 0)  # N(0, 4) / 1e-8, never exactly 0
 
 
+def test_poisson_average_takes_a_clipped_sum_fn_as_it_takes_rows():
+  """A caller's `clipped_sum_fn(indices, clip)` (ghost norms) is released
+  exactly as the rows' clipped sum: the same sample, the clip passed in,
+  the same noise from the same seed; an empty sample still releases the
+  noise (the fn is never called then); exactly one source is accepted."""
+  rows = tf.random.stateless_normal([300, 5], seed=[1, 2]) * 3.0
+  clip, q, seed = 2.0, 0.2, tf.constant([4, 6], tf.int64)
+  seen = []
+
+  def clipped_sum_fn(idx, l2_norm_clip):
+    seen.append(l2_norm_clip)
+    return tds.core.clipped_sum(tf.gather(rows, idx), l2_norm_clip)[0]
+
+  common = dict(num_examples=300, sampling_rate=q, size=5, l2_norm_clip=clip,
+                noise_multiplier=1.5, seed=seed)
+  by_rows, _ = tds.core.poisson_gaussian_average(
+      lambda idx: tf.gather(rows, idx), **common)
+  by_sum, _ = tds.core.poisson_gaussian_average(
+      clipped_sum_fn=clipped_sum_fn, **common)
+  assert seen == [clip]
+  np.testing.assert_allclose(by_sum, by_rows, rtol=0, atol=1e-6)
+  empty = tf.function(lambda: tds.core.poisson_gaussian_average(
+      clipped_sum_fn=lambda idx, c: tf.fill([3], 1e6), num_examples=10,
+      sampling_rate=1e-9, size=3, l2_norm_clip=1.0, noise_multiplier=0.0))
+  average, count = empty()
+  assert int(count) == 0 and np.all(average.numpy() == 0)
+  for sources in ({}, dict(rows_fn=lambda idx: rows,
+                           clipped_sum_fn=clipped_sum_fn)):
+    with pytest.raises(ValueError, match='exactly one'):
+      tds.core.poisson_gaussian_average(**sources, **common)
+
+
 def test_gaussian_average_denominator_and_clipped_sum_row_mask():
   rows = tf.constant([[3.0, 4.0], [1.0, 0.0], [9.0, 9.0]])
   mask = tf.constant([True, True, False])

@@ -256,20 +256,33 @@ def default_max_batch(batch_size: int) -> int:
   return count
 
 
-def poisson_gaussian_average(rows_fn, *, num_examples, sampling_rate,
-                             size: int, l2_norm_clip, noise_multiplier,
+def poisson_gaussian_average(rows_fn=None, *, clipped_sum_fn=None,
+                             num_examples, sampling_rate, size: int,
+                             l2_norm_clip, noise_multiplier,
                              seed: SeedLike = None
                              ) -> Tuple[tf.Tensor, tf.Tensor]:
   """One DP-SGD step on a Poisson-sampled batch.
 
   Samples each of `num_examples` examples with probability `sampling_rate`
-  (`poisson_sample`), computes their per-example gradients
-  (`rows_fn(indices int32[count]) -> float32[count, size]`, count dynamic),
-  clips each, sums, adds N(0, (noise_multiplier * l2_norm_clip)^2) once and
-  divides by the expected batch size `sampling_rate * num_examples`. An
-  empty sample still releases the noise (the accountant charges every
+  (`poisson_sample`), clips each sampled example's gradient to
+  `l2_norm_clip`, sums, adds N(0, (noise_multiplier * l2_norm_clip)^2) once
+  and divides by the expected batch size `sampling_rate * num_examples`.
+  An empty sample still releases the noise (the accountant charges every
   step). Nothing is truncated, so the release is exactly the
   Poisson-sampled Gaussian mechanism of `tds.privacy.sampled_gaussian_event`.
+
+  The clipped sum comes from exactly one of:
+  - `rows_fn(indices int32[count]) -> float32[count, size]`, the sampled
+    examples' per-example gradients, clipped and summed here
+    (`clipped_sum`);
+  - `clipped_sum_fn(indices, l2_norm_clip) -> float32[size]`, the clipped
+    sum computed by the caller without the [count, size] rows (ghost norms,
+    `tds.keras.per_example.ghost_clipped_sum`), which is cheaper where it
+    applies. Privacy assumption: it is the sum over the sampled examples of
+    each one's own gradient scaled to L2 <= `l2_norm_clip` (w_i = min(1,
+    clip / its exact norm)), so one example's contribution is bounded by the
+    clip exactly as with the rows, and the same mechanism is released.
+  The clip is passed in, so the mechanism's clip is the only one.
 
   The batch dimension is dynamic, which TensorFlow graphs (and TFF's) allow
   at no padding cost; where shapes must be static (TFLite), pad with
@@ -277,17 +290,28 @@ def poisson_gaussian_average(rows_fn, *, num_examples, sampling_rate,
   batch_count)`; the count is data-dependent, for the caller's own metrics
   only, never to be released.
   """
+  sum_fn = _sampled_clipped_sum(rows_fn, clipped_sum_fn)
   sample_seed = noise_seed = None
   if seed is not None:
     sample_seed, noise_seed = tf.unstack(
         tf.random.experimental.stateless_split(_stateless_seed(seed), 2))
   indices = poisson_sample(num_examples, sampling_rate, sample_seed)
   total = tf.cond(tf.size(indices) > 0,
-                  lambda: clipped_sum(rows_fn(indices), l2_norm_clip)[0],
+                  lambda: sum_fn(indices, l2_norm_clip),
                   lambda: tf.zeros([size]))
   expected = sampling_rate * tf.cast(num_examples, tf.float32)
   return noised_average(total, l2_norm_clip, noise_multiplier, expected,
                         noise_seed), tf.size(indices)
+
+
+def _sampled_clipped_sum(rows_fn, clipped_sum_fn):
+  """`clipped_sum_fn`, or the clipped sum of `rows_fn`'s rows: exactly one
+  of them must be given (see `poisson_gaussian_average`)."""
+  if (rows_fn is None) == (clipped_sum_fn is None):
+    raise ValueError('pass exactly one of rows_fn and clipped_sum_fn.')
+  if clipped_sum_fn is not None:
+    return clipped_sum_fn
+  return lambda indices, clip: clipped_sum(rows_fn(indices), clip)[0]
 
 
 def _stateless_seed(seed) -> tf.Tensor:

@@ -196,14 +196,18 @@ class ExampleLevelDP:
         self.noise_multiplier * c * (size**0.5 + 10) / b)
     return self.local_steps * learning_rate * step / (1 - momentum)
 
-  def private_gradient(self, rows_fn, *, num_examples, size: int, seed=None):
+  def private_gradient(self, rows_fn=None, *, clipped_sum_fn=None,
+                       num_examples, size: int, seed=None):
     """One DP-SGD step's noised mean gradient (flat), see
-    `core.poisson_gaussian_average`; `rows_fn(indices)` gives the sampled
-    examples' flat gradients."""
+    `core.poisson_gaussian_average`: the sampled examples' flat gradients
+    from `rows_fn(indices)`, or their sum clipped to this mechanism's
+    `l2_norm_clip` from `clipped_sum_fn(indices, l2_norm_clip)` (ghost
+    norms; each example's contribution bounded by the clip exactly as with
+    the rows, so `step_event` is unchanged)."""
     rate = self.batch_size / tf.cast(num_examples, tf.float32)
     mean, _ = core.poisson_gaussian_average(
-        rows_fn, num_examples=num_examples, sampling_rate=rate, size=size,
-        l2_norm_clip=self.l2_norm_clip,
+        rows_fn, clipped_sum_fn=clipped_sum_fn, num_examples=num_examples,
+        sampling_rate=rate, size=size, l2_norm_clip=self.l2_norm_clip,
         noise_multiplier=self.noise_multiplier, seed=seed)
     return mean
 
