@@ -132,3 +132,50 @@ def test_one_trace_serves_every_batch_size(body):
         model, _loss(), model.trainable_variables, x, y)
     want = core.clipped_sum(rows, 0.5)[0].numpy()
     assert _relative(ghost(x, y).numpy(), want) < 1e-5
+
+
+def test_supports_ghost_says_what_ghost_clipped_sum_accepts():
+  """The fronts decide once by `supports_ghost`; it must agree with what
+  `ghost_clipped_sum` accepts, and refuse what it cannot know."""
+  from tf_dpsparse import models  # pylint: disable=import-outside-toplevel
+  for body in (_dense, _conv1d, _conv2d):
+    model = tf.keras.Sequential(body())
+    assert per_example.supports_ghost(model, model.trainable_variables)
+    assert not per_example.supports_ghost(  # another order: another sum
+        model, model.trainable_variables[::-1])
+  for shape in ((128, 6), (28, 28, 1), (64,)):  # the shipped models
+    assert per_example.supports_ghost(models.build_model(shape, 6))
+  inputs = tf.keras.Input((5,))
+  refused = {
+      'batch norm': tf.keras.Sequential([layers.InputLayer(input_shape=(5,)),
+                                         layers.BatchNormalization(),
+                                         layers.Dense(3)]),
+      'functional': tf.keras.Model(inputs, layers.Dense(3)(inputs)),
+      'not built': tf.keras.Sequential([layers.Dense(3)]),
+      # Dense on [n, T, c]: its kernel gradient sums over T per example.
+      'dense on rank 3': tf.keras.Sequential([
+          layers.InputLayer(input_shape=(4, 5)), layers.Dense(3),
+          layers.Flatten(), layers.Dense(2)]),
+      'causal': tf.keras.Sequential([
+          layers.InputLayer(input_shape=(6, 2)),
+          layers.Conv1D(3, 2, padding='causal'), layers.Flatten(),
+          layers.Dense(2)]),
+  }
+  for name, model in refused.items():
+    assert not per_example.supports_ghost(model), name
+  with pytest.raises(ValueError, match='rank-3'):
+    model = refused['dense on rank 3']
+    per_example.ghost_clipped_sum(model, _loss(), *_data((4, 5)), 1.0)
+
+
+def test_losses_with_several_entries_per_example_sum_as_the_rows_do():
+  tf.keras.utils.set_random_seed(0)
+  model = tf.keras.Sequential(_conv1d())
+  x, y = _data(model.input_shape[1:])
+  loss = lambda y, logits: tf.stack(  # noqa: E731
+      [_loss()(y, logits), 0.5 * _loss()(y, 2 * logits)], axis=1)
+  rows = per_example.per_example_gradients(
+      model, loss, model.trainable_variables, x, y)
+  want = core.clipped_sum(rows, 0.3)[0].numpy()
+  got, _ = per_example.ghost_clipped_sum(model, loss, x, y, 0.3)
+  assert _relative(got.numpy(), want) < 1e-5

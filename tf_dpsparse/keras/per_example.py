@@ -8,8 +8,11 @@ vectorized; the weights, the outputs and the gradients are unchanged.
 
 `ghost_clipped_sum` is the same clipped sum without the [n, d] rows (ghost
 norms), for Sequential models of Dense/Conv1D/Conv2D and weightless
-per-example layers; measured 1.3-1.45x faster than the rows on the shipped
-CNNs at batch 64, 1.6x at 256 (`benchmarks/ghost_bench.py`).
+per-example layers (`supports_ghost` says which); measured 1.3-1.45x faster
+than the rows on the shipped CNNs at batch 64, 1.6x at 256
+(`benchmarks/ghost_bench.py`). Both fronts take it wherever it applies
+(`DPSparseOptimizer`'s `model.fit` path, the TFF client work) and the rows
+elsewhere.
 """
 
 from __future__ import annotations
@@ -136,8 +139,10 @@ def ghost_clipped_sum(keras_model: tf.keras.Sequential, per_example_loss_fn,
   provided no layer mixes the batch. Hence only Sequential models (not
   subclassed `call`) of Dense (on [n, d]), Conv1D/Conv2D (channels last,
   one group, 'valid'/'same') and the weightless per-example layers above
-  are accepted; anything else raises ValueError (use the rows). Call it
-  inside `tf.function`; `per_example_loss_fn(y, logits)` returns [n].
+  are accepted; anything else raises ValueError (`supports_ghost` says so
+  beforehand; use the rows). Call it inside `tf.function`;
+  `per_example_loss_fn(y, logits)` returns [n] (or [n, ...], summed per
+  example as the rows path does).
   """
   records, dzs, _ = _ghost_backward(keras_model, per_example_loss_fn, x, y,
                                     sample_weight)
@@ -152,6 +157,65 @@ def ghost_clipped_sum(keras_model: tf.keras.Sequential, per_example_loss_fn,
                        keras_model.trainable_variables]), norms
 
 
+def supports_ghost(keras_model: tf.keras.Model, variables=None) -> bool:
+  """Whether `ghost_clipped_sum` covers `keras_model` (and `variables`).
+
+  The fronts ask this once, when they build their step, and take the rows
+  (`per_example_gradients`) where it is False: a model whose layers could
+  mix the batch or that ghost norms do not cover, a model whose input shape
+  is not known yet, or `variables` other than the model's
+  `trainable_variables` in their order (the order of the flat sum). The
+  same checks as `ghost_clipped_sum` makes, walked over the layers' static
+  output shapes, so the two cannot disagree.
+  """
+  try:
+    _check_ghost_model(keras_model)
+    shape = tf.TensorShape(keras_model.input_shape)
+    for layer in keras_model.layers:
+      _check_ghost_layer(layer, shape.rank)
+      shape = tf.TensorShape(layer.compute_output_shape(shape))
+  except (ValueError, AttributeError, NotImplementedError, TypeError):
+    return False
+  return variables is None or [id(v) for v in variables] == [
+      id(v) for v in keras_model.trainable_variables]
+
+
+def _check_ghost_model(model) -> None:
+  """Raises ValueError unless `model` is a plain Sequential of layers that
+  compute each example's output from that example alone, its trainable
+  variables all in trainable Dense/Conv1D/Conv2D layers."""
+  if (not isinstance(model, tf.keras.Sequential) or
+      type(model).call is not tf.keras.Sequential.call):
+    raise ValueError('ghost clipping needs a tf.keras.Sequential model.')
+  for layer in model.layers:
+    if type(layer) not in _GHOST_LAYERS + _PER_EXAMPLE_LAYERS:
+      raise ValueError(f'ghost clipping: unsupported layer {layer.name} '
+                       f'({type(layer).__name__}); use the rows.')
+  covered = {id(v) for layer in model.layers
+             if type(layer) in _GHOST_LAYERS and layer.trainable
+             for v in layer.trainable_variables}
+  if covered != {id(v) for v in model.trainable_variables}:
+    raise ValueError('ghost clipping: a trainable variable is outside the '
+                     "model's Dense/Conv1D/Conv2D layers.")
+
+
+def _check_ghost_layer(layer, input_rank) -> None:
+  """Raises ValueError unless ghost norms cover the (supported, see
+  `_check_ghost_model`) `layer` on inputs of rank `input_rank`: a trainable
+  Dense on [n, d] only, a trainable Conv1D/2D channels last, one group,
+  'valid'/'same'. Frozen and weightless layers are run as they are."""
+  if type(layer) not in _GHOST_LAYERS or not layer.trainable:
+    return
+  if isinstance(layer, tf.keras.layers.Dense):
+    if input_rank != 2:
+      raise ValueError(f'ghost clipping: Dense {layer.name} on rank-'
+                       f'{input_rank} inputs (only [n, d] is supported).')
+  elif (layer.groups != 1 or layer.data_format != 'channels_last' or
+        layer.padding not in ('valid', 'same')):
+    raise ValueError(f'ghost clipping: {layer.name} needs channels_last, '
+                     "groups=1 and 'valid' or 'same' padding.")
+
+
 def _ghost_backward(model, loss_fn, x, y, sample_weight=None,
                     persistent=False):
   """One forward, and one backward to the pre-activations only.
@@ -161,31 +225,28 @@ def _ghost_backward(model, loss_fn, x, y, sample_weight=None,
   pre-activation (row i is example i's, as no layer mixes the batch), and
   (tape, losses); `persistent` keeps the tape for a second, weighted
   backward (the textbook variant `benchmarks/ghost_bench.py` times).
+  Example i's loss is the sum of `loss_fn`'s entries for it, times its
+  weight: what `per_example_gradients` differentiates per example.
   """
-  if (not isinstance(model, tf.keras.Sequential) or
-      type(model).call is not tf.keras.Sequential.call):
-    raise ValueError('ghost clipping needs a tf.keras.Sequential model.')
+  _check_ghost_model(model)
   with tf.GradientTape(persistent=persistent) as tape:
     records, a = [], x
     for layer in model.layers:
+      _check_ghost_layer(layer, a.shape.rank)
       if type(layer) in _GHOST_LAYERS and layer.trainable:
         z = _pre_activation(layer, a)
         records.append((layer, a, z))
         a = layer.activation(z)
-      elif type(layer) in _GHOST_LAYERS + _PER_EXAMPLE_LAYERS:
-        a = layer(a, training=True)  # frozen or weightless, per example
       else:
-        raise ValueError(f'ghost clipping: unsupported layer {layer.name} '
-                         f'({type(layer).__name__}); use the rows.')
-    losses = tf.reshape(loss_fn(y, a), [-1])
+        a = layer(a, training=True)  # frozen or weightless, per example
+    losses = loss_fn(y, a)
+    if losses.shape.rank == 0:
+      raise ValueError('ghost clipping needs per-example losses, got a '
+                       'scalar (use a loss with reduction NONE).')
+    losses = tf.reduce_sum(losses, axis=list(range(1, losses.shape.rank)))
     if sample_weight is not None:
       losses *= tf.reshape(tf.cast(sample_weight, losses.dtype), [-1])
     total = tf.reduce_sum(losses)
-  covered = {id(v) for layer, _, _ in records
-             for v in layer.trainable_variables}
-  if covered != {id(v) for v in model.trainable_variables}:
-    raise ValueError('ghost clipping: a trainable variable is outside the '
-                     "model's Dense/Conv1D/Conv2D layers.")
   return records, tape.gradient(total, [z for _, _, z in records]), (
       tape, losses)
 
@@ -193,15 +254,8 @@ def _ghost_backward(model, loss_fn, x, y, sample_weight=None,
 def _pre_activation(layer, a):
   """The layer's output before its activation, computed as Keras does."""
   if isinstance(layer, tf.keras.layers.Dense):
-    if a.shape.rank != 2:
-      raise ValueError(f'ghost clipping: Dense {layer.name} on rank-'
-                       f'{a.shape.rank} inputs (only [n, d] is supported).')
     z = tf.matmul(a, layer.kernel)
   else:
-    if (layer.groups != 1 or layer.data_format != 'channels_last' or
-        layer.padding not in ('valid', 'same')):
-      raise ValueError(f'ghost clipping: {layer.name} needs channels_last, '
-                       "groups=1 and 'valid' or 'same' padding.")
     z = layer.convolution_op(a, layer.kernel)
   return z + layer.bias if layer.use_bias else z
 
