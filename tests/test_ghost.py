@@ -179,3 +179,18 @@ def test_losses_with_several_entries_per_example_sum_as_the_rows_do():
   want = core.clipped_sum(rows, 0.3)[0].numpy()
   got, _ = per_example.ghost_clipped_sum(model, loss, x, y, 0.3)
   assert _relative(got.numpy(), want) < 1e-5
+
+
+def test_integer_inputs_are_cast_as_the_model_casts_them():
+  # uint8 images reach `fit` as they are; the model casts them to its
+  # Input's dtype, and so must the ghost pass.
+  tf.keras.utils.set_random_seed(0)
+  model = tf.keras.Sequential(_conv2d())
+  rng = np.random.default_rng(1)
+  x = tf.constant(rng.integers(0, 4, (6, 7, 7, 2)), dtype=tf.uint8)
+  y = tf.constant(rng.integers(0, 3, 6), dtype=tf.int32)
+  rows = per_example.per_example_gradients(
+      model, _loss(), model.trainable_variables, x, y)
+  want = core.clipped_sum(rows, 0.5)[0].numpy()
+  got, _ = per_example.ghost_clipped_sum(model, _loss(), x, y, 0.5)
+  assert _relative(got.numpy(), want) < 1e-5

@@ -229,6 +229,11 @@ def _ghost_backward(model, loss_fn, x, y, sample_weight=None,
   weight: what `per_example_gradients` differentiates per example.
   """
   _check_ghost_model(model)
+  # As a Sequential's call does: inputs cast to its Input's dtype (uint8
+  # images, say), which the Dense/Conv kernels below expect.
+  x = tf.convert_to_tensor(x)
+  if getattr(model, 'inputs', None):
+    x = tf.cast(x, model.inputs[0].dtype)
   with tf.GradientTape(persistent=persistent) as tape:
     records, a = [], x
     for layer in model.layers:
