@@ -8,11 +8,13 @@ Writes benchmarks/results/fed_bench.{json,md,png}.
 Round time (issue 17): seconds per round of the main job on the old path
 (as when issue 17 was filed: per-example gradients from the jacobian of the
 loss vector, the local steps and the diagnostic loss as `Dataset.reduce`s),
-with only the jacobian rows swapped into today's client work, on today's
-path, and without privacy, rounds interleaved in one run; the medians and
-their ratios go to fed_bench.json's `round_seconds` (issue 17's target: the
-old path's over today's >= 2). benchmarks/round_profile.py breaks a round
-down.
+with only the jacobian rows swapped into today's client work, with the
+vectorized rows (today's client work before ghost norms), on today's path
+(ghost norms where they apply), and without privacy, rounds interleaved in
+one run; the medians and their ratios go to fed_bench.json's
+`round_seconds` (issue 17's target: the old path's over today's >= 2;
+`rows_over_current` is what ghost norms gained). benchmarks/round_profile.py
+breaks a round down.
 
 Every flag left out is `RunConfig`'s default (the flags only override it),
 so this benchmark measures what `tf-dpsparse run` runs and cannot drift from
@@ -90,7 +92,12 @@ def old_client_work() -> dict:
     return loss_sum / tf.maximum(count, 1.0)
 
   return dict(_per_example_rows=per_example_rows, _train=train,
-              _training_loss=training_loss)
+              _training_loss=training_loss, _ghost_model=no_ghost)
+
+
+def no_ghost(model, params):  # pylint: disable=unused-argument
+  """`client_work._ghost_model` that always takes the rows."""
+  return None
 
 
 @contextlib.contextmanager
@@ -108,19 +115,20 @@ def patched(module, **attributes):
       setattr(module, name, value)
 
 
-OLD, JACOBIAN, CURRENT, PLAIN = (
+OLD, JACOBIAN, ROWS, CURRENT, PLAIN = (
     'old path (jacobian rows, Dataset.reduce loops)',
-    'jacobian rows in the current client work', 'current path',
-    'plain FedAvg (same job, privacy none)')
+    'jacobian rows in the current client work',
+    'vectorized rows in the current client work (no ghost norms)',
+    'current path', 'plain FedAvg (same job, privacy none)')
 
 
 def round_processes(config: RunConfig, simulation, fed) -> dict:
   """{variant: (config, process)} of the job `config` describes: the old
-  path, the jacobian rows alone in today's client work, today's, and (for
-  a private job) the same job without privacy, which takes other data
-  (`simulation.device_dataset`: `local_steps` batches, not all examples).
-  The old path's variants exist for example-level DP only, the one privacy
-  they differ in."""
+  path, the jacobian rows alone in today's client work, the vectorized rows
+  there (ghost norms off), today's, and (for a private job) the same job
+  without privacy, which takes other data (`simulation.device_dataset`:
+  `local_steps` batches, not all examples). The old path's variants exist
+  for example-level DP only, the one privacy they differ in."""
   from tf_dpsparse.federated import client_work  # pylint: disable=import-outside-toplevel
   _, model_fn = simulation.model_fns(fed, config.seed)
 
@@ -134,8 +142,11 @@ def round_processes(config: RunConfig, simulation, fed) -> dict:
     old = old_client_work()
     with patched(client_work, **old):
       processes[OLD] = build(config)
-    with patched(client_work, _per_example_rows=old['_per_example_rows']):
+    with patched(client_work, _per_example_rows=old['_per_example_rows'],
+                 _ghost_model=no_ghost):
       processes[JACOBIAN] = build(config)
+    with patched(client_work, _ghost_model=no_ghost):
+      processes[ROWS] = build(config)
   processes[CURRENT] = build(config)
   if config.privacy is not None:
     processes[PLAIN] = build(dataclasses.replace(
@@ -193,6 +204,7 @@ def round_seconds(config: RunConfig, rounds: int) -> dict:
   if OLD in median:
     ratios['old_over_current'] = median[OLD] / median[CURRENT]
     ratios['jacobian_rows_over_current'] = median[JACOBIAN] / median[CURRENT]
+    ratios['rows_over_current'] = median[ROWS] / median[CURRENT]
   if PLAIN in median:
     ratios['current_over_plain'] = median[CURRENT] / median[PLAIN]
   return {'rounds': rounds,
@@ -208,7 +220,9 @@ def round_time_lines(section: dict) -> str:
   if 'old_over_current' in section:
     lines.append(f'  old path / current: {section["old_over_current"]:.2f}x '
                  '(target >= 2x); jacobian rows alone / current: '
-                 f'{section["jacobian_rows_over_current"]:.2f}x')
+                 f'{section["jacobian_rows_over_current"]:.2f}x; vectorized '
+                 'rows (no ghost norms) / current: '
+                 f'{section["rows_over_current"]:.2f}x')
   if 'current_over_plain' in section:
     lines.append('  current / plain FedAvg: '
                  f'{section["current_over_plain"]:.2f}x')

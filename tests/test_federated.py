@@ -665,3 +665,83 @@ def test_nonprivate_local_steps_and_loss_pass_over_the_data_in_order(clients):
                                np.mean([t for t, _ in expected], 0), atol=1e-5)
     assert abs(float(out.metrics['loss']) -
                np.mean([loss for _, loss in expected])) < 1e-5
+
+
+CONV_SPEC = (tf.TensorSpec([None, 16, 3], tf.float32),
+             tf.TensorSpec([None], tf.int32))
+
+
+def conv_model_fn():
+  """A small 1-D CNN (Conv1D, pooling, Dense): ghost norms cover it."""
+  init = tf.keras.initializers.GlorotUniform(seed=2)
+  layers = tf.keras.layers
+  model = tf.keras.Sequential([
+      layers.InputLayer(input_shape=(16, 3)),
+      layers.Conv1D(4, 3, activation='relu', kernel_initializer=init),
+      layers.MaxPool1D(2),
+      layers.Conv1D(6, 3, padding='same', activation='tanh',
+                    kernel_initializer=init),
+      layers.GlobalAveragePooling1D(),
+      layers.Dense(3, kernel_initializer=init)])
+  return tff.learning.models.from_keras_model(
+      model, input_spec=CONV_SPEC,
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+def _conv_clients(count=2, n=40):
+  rng = np.random.default_rng(3)
+  return [tf.data.Dataset.from_tensor_slices(
+      (rng.normal(size=(n, 16, 3)).astype(np.float32),
+       rng.integers(0, 3, n).astype(np.int32))).batch(20)
+          for _ in range(count)]
+
+
+def _count_ghost_traces(monkeypatch):
+  calls = []
+  module = federated.client_work.keras_per_example
+  original = module.ghost_clipped_sum
+  monkeypatch.setattr(module, 'ghost_clipped_sum', lambda *args, **kwargs:
+                      calls.append(1) or original(*args, **kwargs))
+  return calls
+
+
+def _conv_round(noise, **kwargs):
+  """Global weights before and after one seeded example-level round of the
+  conv model on two devices (client and server SGD at 1, density 1)."""
+  process = federated.build_dp_sparse_fed_avg(
+      conv_model_fn, sgd(1.0), sgd(1.0), upload_density=1.0,
+      download_density=1.0, privacy='example', l2_norm_clip=0.05,
+      noise_multiplier=noise, batch_size=10, local_steps=2,
+      min_client_examples=40, seed=5, **kwargs)
+  state, _, _ = _run(process, _conv_clients(), 1)
+  return (_flat(process.get_model_weights(process.initialize())),
+          _flat(process.get_model_weights(state)))
+
+
+@pytest.mark.parametrize('noise', [0.0, 1.0])
+def test_example_level_ghost_norms_equal_the_rows(noise, monkeypatch):
+  """Issue 17 parity: the client work's DP-SGD by ghost norms gives the
+  global model the rows path (forced on) gives, within 1e-5, on a Conv1D
+  model: noise off, and on with the same seed (the same Poisson samples and
+  noise, so only the clipped sums could differ)."""
+  calls = _count_ghost_traces(monkeypatch)
+  start, ghost = _conv_round(noise)
+  assert calls, 'the client work did not take ghost norms'
+  calls.clear()
+  monkeypatch.setattr(federated.client_work, '_ghost_model',
+                      lambda model, params: None)
+  _, rows = _conv_round(noise)
+  assert not calls
+  assert np.abs(rows - start).max() > 1e-3  # the round moved the model
+  np.testing.assert_allclose(ghost, rows, rtol=0, atol=1e-5)
+
+
+def test_example_level_subspace_keeps_the_rows(monkeypatch):
+  """In a subspace each example's row is pulled back to z before the clip:
+  ghost norms of the model's weights would bound the wrong norm, so the
+  client work takes the rows there, even for a model ghost norms cover."""
+  calls = _count_ghost_traces(monkeypatch)
+  _conv_round(0.0, subspace=20, subspace_seed=1)
+  assert not calls
+  keras_model = conv_model_fn()._keras_model  # pylint: disable=protected-access
+  assert tds.keras.per_example.supports_ghost(keras_model)

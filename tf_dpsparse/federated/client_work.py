@@ -266,24 +266,68 @@ def _dp_sgd_gradients(dp_sgd, model, params: _Parametrization, x_all, y_all,
                       per_example_loss_fn, client_seed):
   """`gradients(step)`: DP-SGD's gradients of local step `step` (int64), one
   Poisson-sampled step (`dp_sgd.private_gradient`) of the sampled
-  examples' rows (`_per_example_rows`, pulled back to what `params`
-  trains: clipped and noised there), its seed folded from the step."""
+  examples' clipped gradients (`_per_example_source`: ghost norms or rows),
+  its seed folded from the step."""
   size = sum(v.shape.num_elements() for v in params.trainable)
+  source = _per_example_source(model, params, x_all, y_all,
+                               per_example_loss_fn)
+
+  def gradients(step):
+    params.write_model()
+    step_seed = None if client_seed is None else core.fold_in_seed(
+        client_seed, step)
+    mean = dp_sgd.private_gradient(num_examples=tf.shape(y_all)[0],
+                                   size=size, seed=step_seed, **source)
+    return core.unflatten(mean, params.trainable)
+
+  return gradients
+
+
+def _per_example_source(model, params: _Parametrization, x_all, y_all,
+                        per_example_loss_fn) -> dict:
+  """What `private_gradient` clips, decided once per trace: `clipped_sum_fn`
+  by ghost norms where `_ghost_model` gives a Keras model (no [n, size]
+  rows: the HAPT main job's round measured 1.15x faster than with the
+  rows, `benchmarks/fed_bench.py --quick`), else `rows_fn`: the
+  rows (`_per_example_rows`) pulled back to what `params` trains, clipped
+  and noised there. Either way each sampled example's contribution is its
+  own gradient clipped to the mechanism's clip."""
+  keras_model = _ghost_model(model, params)
+  if keras_model is not None:
+    def clipped_sum_fn(indices, l2_norm_clip):
+      return keras_per_example.ghost_clipped_sum(
+          keras_model, per_example_loss_fn, tf.gather(x_all, indices),
+          tf.gather(y_all, indices), l2_norm_clip)[0]
+
+    return dict(clipped_sum_fn=clipped_sum_fn)
   rows = _per_example_rows(model, params.model_trainable, per_example_loss_fn)
 
   def rows_fn(indices):
     return params.pullback(rows(tf.gather(x_all, indices),
                                 tf.gather(y_all, indices)))
 
-  def gradients(step):
-    params.write_model()
-    step_seed = None if client_seed is None else core.fold_in_seed(
-        client_seed, step)
-    mean = dp_sgd.private_gradient(rows_fn, num_examples=tf.shape(y_all)[0],
-                                   size=size, seed=step_seed)
-    return core.unflatten(mean, params.trainable)
+  return dict(rows_fn=rows_fn)
 
-  return gradients
+
+def _ghost_model(model, params: _Parametrization):
+  """The Keras model to take ghost norms of, or None for the rows.
+
+  Ghost norms apply to a `tff.learning.models.from_keras_model` model that
+  `tds.keras.per_example.supports_ghost` covers, trained in its own
+  weights. Not in a subspace: there each example's row is pulled back to z
+  (P^T g) *before* it is clipped, so the clip bounds the norm of z's
+  gradient, which ghost norms of the model's weights do not give; the rows
+  path keeps that order. (benchmarks/fed_bench.py and the parity tests
+  patch this to None to run the rows.)
+  """
+  if params.trainable is not params.model_trainable:
+    return None
+  # TFF's Keras wrapper exposes no public accessor for its Keras model.
+  keras_model = getattr(model, '_keras_model', None)
+  if keras_model is None or not keras_per_example.supports_ghost(
+      keras_model, params.model_trainable):
+    return None
+  return keras_model
 
 
 def _per_example_rows(model, trainable, per_example_loss_fn):
@@ -294,8 +338,9 @@ def _per_example_rows(model, trainable, per_example_loss_fn):
   exactly one example's contribution. A model from
   `tff.learning.models.from_keras_model` goes through the Keras front's
   `per_example_gradients` (its convolutions' kernel gradients vectorized);
-  its `predict_on_batch` is that Keras model's call. (benchmarks/fed_bench.py
-  swaps this for the old jacobian path to time a round of each.)
+  its `predict_on_batch` is that Keras model's call. Used where ghost
+  norms do not apply (`_ghost_model`). (benchmarks/fed_bench.py swaps this
+  for the old jacobian path to time a round of each.)
   """
   # TFF's Keras wrapper exposes no public accessor for its Keras model.
   keras_model = getattr(model, '_keras_model', None)
