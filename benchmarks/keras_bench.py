@@ -1,11 +1,13 @@
 """Keras benchmark: DP-SGD step time against plain SGD, on the shipped CNNs.
 
-Four optimizers run `model.fit` in one process on the same models and
+Five optimizers run `model.fit` in one process on the same models and
 batches: plain `tf.keras.optimizers.SGD` (mean loss), TF Privacy's
 `DPKerasSGDOptimizer`, and `tds.keras.DPSparseOptimizer` (density 1 %) on
 its old path (the jacobian of the loss vector, which a model overriding
-`train_step` still takes) and on its fast path (Keras's own `train_step`:
-per-example forward/backward under `tf.vectorized_map`). Models: the HAPT
+`train_step` still takes), on its rows path (Keras's own `train_step` with
+ghost norms off: per-example forward/backward under `tf.vectorized_map`,
+the fast path before ghost norms) and on its fast path (ghost norms: one
+forward, one weighted backward). Models: the HAPT
 1-D CNN and the MNIST 2-D CNN of `tf_dpsparse.models`, at batch 16, 64 and
 256. Inputs are Gaussian with the data sets' shapes (step time does not
 depend on their values). Rounds interleave the optimizers and the best
@@ -14,8 +16,9 @@ measured in this run are reported, never absolute targets.
 
 Prints step times and ratios and writes `benchmarks/results/keras_bench.json`
 with, for each model and batch size, `dp_over_sgd`: the fast path's step
-time over plain SGD's. The issue's targets are checked at batch 64: fast
-path <= 3x SGD (stretch 2x) and <= 0.3x TF Privacy.
+time over plain SGD's, and `rows_over_fast`: the rows path's over the
+fast path's (what ghost norms gained). The issue's targets are checked at
+batch 64: fast path <= 3x SGD (stretch 2x) and <= 0.3x TF Privacy.
 
 Run: `python benchmarks/keras_bench.py` (`--quick`: fewer steps, and the two
 O(batch^2) paths skipped at batch 256; a few minutes on 2 cores).
@@ -55,9 +58,14 @@ class JacobianPathModel(tf.keras.Sequential):
     return self.compute_metrics(x, y, y_pred, sample_weight)
 
 
+class RowsPathOptimizer(tds.keras.DPSparseOptimizer):
+  """The fast path with ghost norms off: the vectorized per-example rows."""
+  _ghost_norms = False
+
+
 def _variants():
   dp = dict(l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER)
-  sparse = lambda: tds.keras.DPSparseOptimizer(  # noqa: E731
+  sparse = lambda cls=tds.keras.DPSparseOptimizer: cls(  # noqa: E731
       tf.keras.optimizers.SGD(LEARNING_RATE), density=DENSITY, **dp)
   return {  # name: (model class, optimizer, loss reduction)
       'sgd': (tf.keras.Sequential,
@@ -66,6 +74,8 @@ def _variants():
                      lambda: dp_optimizer_keras.DPKerasSGDOptimizer(
                          learning_rate=LEARNING_RATE, **dp), 'none'),
       'jacobian_path': (JacobianPathModel, sparse, 'none'),
+      'rows_path': (tf.keras.Sequential,
+                    lambda: sparse(RowsPathOptimizer), 'none'),
       'fast_path': (tf.keras.Sequential, sparse, 'none'),
   }
 
@@ -115,6 +125,8 @@ def _ratios(ms):
       'tf_privacy_over_sgd': _over(tfp, sgd),
       'fast_over_tf_privacy': _over(fast, tfp),
       'jacobian_over_fast': _over(jac, fast),
+      'rows_over_sgd': _over(ms.get('rows_path'), sgd),
+      'rows_over_fast': _over(ms.get('rows_path'), fast),
   }
 
 
@@ -130,8 +142,8 @@ def main():
   args = parser.parse_args()
   fast_steps, slow_steps, rounds = (16, 2, 3) if args.quick else (30, 5, 3)
   print(f'{"model":>13} {"batch":>5} {"sgd ms":>7} {"tfp ms":>8} '
-        f'{"jac ms":>8} {"fast ms":>7} {"fast/sgd":>8} {"fast/tfp":>8} '
-        f'{"jac/fast":>8}')
+        f'{"jac ms":>8} {"rows ms":>7} {"fast ms":>7} {"fast/sgd":>8} '
+        f'{"fast/tfp":>8} {"jac/fast":>8} {"rows/fast":>9}')
   results = {}
   for model_name, (input_shape, classes) in MODELS.items():
     for batch in BATCHES:
@@ -144,14 +156,17 @@ def main():
           'step_ms': ms, **r}
       print(f'{model_name:>13} {batch:>5} {ms["sgd"]:>7.1f} '
             f'{_cell(ms.get("tf_privacy"))} {_cell(ms.get("jacobian_path"))} '
-            f'{ms["fast_path"]:>7.1f} {r["dp_over_sgd"]:>8.2f} '
+            f'{ms["rows_path"]:>7.1f} {ms["fast_path"]:>7.1f} '
+            f'{r["dp_over_sgd"]:>8.2f} '
             f'{_cell(r["fast_over_tf_privacy"], 3)} '
-            f'{_cell(r["jacobian_over_fast"])}', flush=True)
+            f'{_cell(r["jacobian_over_fast"])} '
+            f'{r["rows_over_fast"]:>9.2f}', flush=True)
   for model_name, by_batch in results.items():
     r = by_batch['64']
     print(f'{model_name} at batch 64: DP step {r["dp_over_sgd"]:.2f}x SGD '
           f'(target <= 3x, stretch 2x), {r["fast_over_tf_privacy"]:.3f}x TF '
-          'Privacy (target <= 0.3x)')
+          'Privacy (target <= 0.3x); rows path (no ghost norms) '
+          f'{r["rows_over_fast"]:.2f}x the fast path')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump({'quick': args.quick, 'density': DENSITY, 'rounds': rounds,

@@ -740,15 +740,25 @@ def test_fast_per_example_gradients_and_clipped_mean_equal_the_jacobian(kind):
   assert all('convolution_op' not in vars(layer) for layer in model.layers)
 
 
+def _count_fast_paths(monkeypatch):
+  """{'rows': [...], 'ghost': [...]}: one entry per trace of each path."""
+  calls = {'rows': [], 'ghost': []}
+  module = tds.keras.optimizer.per_example
+  for key, name in (('rows', 'per_example_gradients'),
+                    ('ghost', 'ghost_clipped_sum')):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, _o=original, _k=key, **kw:
+                        calls[_k].append(1) or _o(*args, **kw))
+  return calls
+
+
 @pytest.mark.parametrize('kind', ['dense', 'conv1d', 'conv2d'])
 @pytest.mark.parametrize('num_microbatches', [None, 2])
-def test_fit_fast_path_equals_the_jacobian_path(kind, num_microbatches,
+@pytest.mark.parametrize('ghost', [True, False])
+def test_fit_fast_path_equals_the_jacobian_path(kind, num_microbatches, ghost,
                                                 monkeypatch):
-  calls = []
-  fast_fn = tds.keras.per_example_gradients
-  monkeypatch.setattr(
-      tds.keras.optimizer.per_example, 'per_example_gradients',
-      lambda *args: calls.append(1) or fast_fn(*args))
+  calls = _count_fast_paths(monkeypatch)
+  monkeypatch.setattr(tds.keras.DPSparseOptimizer, '_ghost_norms', ghost)
   x, y = _data(n=16, shape=_parity_model(kind)[1])
   trained = []
   for model_class in (tf.keras.Sequential, _JacobianPathModel):
@@ -759,9 +769,58 @@ def test_fit_fast_path_equals_the_jacobian_path(kind, num_microbatches,
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     trained.append(_weights(model))
     if model_class is tf.keras.Sequential:
-      assert calls, 'model.fit did not take the fast path'
-      calls.clear()
-  assert not calls  # an overridden train_step keeps the jacobian path
+      # Ghost norms for one row per example; microbatches take the rows.
+      took = 'ghost' if ghost and num_microbatches is None else 'rows'
+      assert calls[took], 'model.fit did not take the fast path'
+      assert not calls[{'ghost': 'rows', 'rows': 'ghost'}[took]]
+      calls['rows'].clear()
+      calls['ghost'].clear()
+  assert not any(calls.values())  # an overridden train_step: the jacobian
   start = _weights(_parity_model(kind)[0])
   assert np.abs(trained[0] - start).max() > 1e-3  # it did move
   np.testing.assert_allclose(trained[0], trained[1], rtol=0, atol=1e-5)
+
+
+CLIP = 0.05
+
+
+def _fit_one_step(kind, ghost, monkeypatch, **fit_kwargs):
+  """A model after one seeded `fit` step, noise off, the clip active; ghost
+  norms on or the rows forced on. Returns (trained, start) flat weights."""
+  monkeypatch.setattr(tds.keras.DPSparseOptimizer, '_ghost_norms', ghost)
+  model = _parity_model(kind)[0]
+  start = _weights(model)
+  x, y = _data(n=16, shape=_parity_model(kind)[1], seed=5)
+  model.compile(optimizer=_dp(tf.keras.optimizers.SGD(1.0), l2_norm_clip=CLIP,
+                              expected_batch_size=fit_kwargs.pop(
+                                  'expected_batch_size', None)),
+                loss=_loss())
+  model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+            **fit_kwargs)
+  return _weights(model), start
+
+
+@pytest.mark.parametrize('kind', ['dense', 'conv1d', 'conv2d'])
+@pytest.mark.parametrize('weighted', [False, True])
+def test_fit_step_by_ghost_norms_equals_the_rows(kind, weighted,
+                                                 monkeypatch):
+  """Issue 17 parity: one full `fit` step with noise off is the same clipped
+  mean by ghost norms as by the vectorized rows (forced on), with sample
+  weights (a weight-0 example, as an empty Poisson draw's placeholder) and
+  the Poisson denominator too."""
+  calls = _count_fast_paths(monkeypatch)
+  kwargs = {}
+  if weighted:
+    kwargs = dict(sample_weight=np.array([0., 1., 2., 1.] * 4, np.float32),
+                  expected_batch_size=12.0)
+  ghost, start = _fit_one_step(kind, True, monkeypatch, **dict(kwargs))
+  assert calls['ghost'] and not calls['rows']
+  rows, _ = _fit_one_step(kind, False, monkeypatch, **dict(kwargs))
+  assert calls['rows']
+  model = _parity_model(kind)[0]
+  norms = np.linalg.norm(tds.keras.per_example_gradients(
+      model, _loss(), model.trainable_variables,
+      *_data(n=16, shape=_parity_model(kind)[1], seed=5)), axis=1)
+  assert np.mean(norms > CLIP) > 0.5  # the clip is active
+  assert np.abs(rows - start).max() > 1e-3  # SGD at 1: the mean moved them
+  np.testing.assert_allclose(ghost, rows, rtol=0, atol=1e-5)

@@ -5,8 +5,10 @@ How the per-example losses reach the optimizer in `model.fit`: Keras 2's
 `optimizer.minimize(loss, trainable_variables, tape=tape)`. With a loss of
 reduction NONE, `loss` is the per-example vector [batch], not its mean, so the
 optimizer can differentiate each entry. Under Keras's own `train_step`,
-`minimize` reads that step's `x, y, sample_weight` and computes each
-example's gradient with the model run on that example alone, vectorized
+`minimize` reads that step's `x, y, sample_weight` and clips each
+example's gradient by ghost norms (`per_example.ghost_clipped_sum`: one
+forward and one backward of the batch, for Sequential Dense/Conv models)
+or computes it with the model run on that example alone, vectorized
 (`tds.keras.per_example_gradients`, about 2x a plain SGD step); elsewhere
 `compute_gradients` re-enters the tape and takes one vectorized (pfor)
 `tape.jacobian` of the loss vector, as TF Privacy's `DPKerasSGDOptimizer`
@@ -75,11 +77,12 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
   Not for `tf.distribute` strategies with several replicas.
 
   Cost: under `model.fit` (Keras's `train_step`) a step costs about two
-  plain SGD steps (`minimize`'s fast path, per-example forward/backward
-  under `tf.vectorized_map`). Where only the loss vector is at hand (an
-  overridden `train_step`, a custom loop calling `minimize`), the jacobian
-  does about one backward pass of the whole batch per row (as in TF
-  Privacy), O(rows x batch); `num_microbatches` then trades cost against
+  plain SGD steps or less (`minimize`'s fast path: ghost norms for a
+  Sequential of Dense/Conv1D/Conv2D layers, else per-example
+  forward/backward under `tf.vectorized_map`). Where only the loss vector
+  is at hand (an overridden `train_step`, a custom loop calling
+  `minimize`), the jacobian does about one backward pass of the whole
+  batch per row (as in TF Privacy), O(rows x batch); `num_microbatches` then trades cost against
   noise (σC / rows on the mean).
 
   Args:
@@ -379,12 +382,21 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     rows = tf.vectorized_map(core.flatten, jacobians)  # [microbatches, size]
     return self._private_gradients(rows, loss, var_list)
 
-  def _private_gradients(self, rows, loss, var_list):
-    """The noised mean of the rows (one per example or microbatch)."""
-    noise_seed = self._noise_seed()
-    mean, _ = core.gaussian_average(rows, self.l2_norm_clip,
-                                    self.noise_multiplier, noise_seed,
-                                    denominator=self.expected_batch_size)
+  def _private_gradients(self, rows, loss, var_list, clipped_total=None):
+    """The noised mean of the rows (one per example or microbatch), or of
+    `clipped_total`, their clipped sum (ghost norms, one row per example:
+    `rows` is then None). The denominator is the number of rows, or
+    `expected_batch_size`."""
+    if clipped_total is None:
+      clipped_total, _ = core.clipped_sum(rows, self.l2_norm_clip)
+      count = tf.shape(rows)[0]
+    else:
+      count = tf.shape(loss)[0]
+    denominator = (count if self.expected_batch_size is None else
+                   self.expected_batch_size)
+    mean = core.noised_average(clipped_total, self.l2_norm_clip,
+                               self.noise_multiplier, denominator,
+                               self._noise_seed())
     self._examples.assign_add(tf.shape(loss, out_type=tf.int64)[0])
     self._dp_gradients_computed = True
     return list(zip(core.unflatten(mean, var_list), var_list))
@@ -402,11 +414,16 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
 
     Under `model.fit` with Keras's own `train_step` (any model that does not
     override it), the step takes the fast path: that `train_step`'s inputs
-    `x, y, sample_weight` go through `tds.keras.per_example_gradients` (the
-    model's forward and backward on one example at a time, vectorized), at
-    about 2x a plain SGD step instead of the jacobian's 30-60x. Same rows,
-    same clip, same noise. The jacobian path (`compute_gradients`) remains
-    where the inputs are not Keras's: an overridden `train_step` or
+    `x, y, sample_weight` go through `per_example.ghost_clipped_sum` where
+    `_takes_ghost_norms` (each example's exact gradient norm from one
+    forward and one backward, the clipped sum from one weighted backward:
+    a `fit` step measured 1.4-1.5x faster than the rows at batch 64,
+    `benchmarks/keras_bench.py`) or else `tds.keras.per_example_gradients`
+    (the model's forward and backward on one example at a time,
+    vectorized), at about 2x a plain SGD step instead of the jacobian's
+    30-60x. Same clipped sum (each example's contribution bounded by the
+    clip either way), same noise. The jacobian path (`compute_gradients`)
+    remains where the inputs are not Keras's: an overridden `train_step` or
     `compute_loss`, several outputs or loss weights, a masked output, or a
     direct call; the model is the one whose `train_step` calls this (see
     `tds.keras.check_model` for what is refused and why).
@@ -420,12 +437,32 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     # the divisibility check before the rows are reshaped into microbatches.
     checked = self._microbatch_losses(loss)
     var_list = list(var_list)
+    if self._takes_ghost_norms(model, var_list):
+      total, _ = per_example.ghost_clipped_sum(
+          model, model.loss, step['x'], step['y'], self.l2_norm_clip,
+          step['sample_weight'])
+      self.apply_gradients(self._private_gradients(None, loss, var_list,
+                                                   total))
+      return
     rows = per_example.per_example_gradients(
         model, model.loss, var_list, step['x'], step['y'],
         step['sample_weight'])
     with tf.control_dependencies([checked]):
       rows = self._microbatch_rows(rows)
     self.apply_gradients(self._private_gradients(rows, loss, var_list))
+
+  # Benchmarks and parity tests set this False to time / compare the rows.
+  _ghost_norms = True
+
+  def _takes_ghost_norms(self, model, var_list) -> bool:
+    """Whether `minimize`'s fast path clips by ghost norms, decided once
+    when Keras traces the step: one row per example (a microbatch's
+    gradient is a sum of examples' gradients, whose norm per-example ghost
+    norms do not give) and a model `per_example.supports_ghost` covers for
+    `var_list` (a Sequential of Dense/Conv1D/Conv2D and per-example
+    layers). Elsewhere the rows: the same clipped sum, slower."""
+    return (self._ghost_norms and self.num_microbatches is None and
+            per_example.supports_ghost(model, var_list))
 
   def apply_gradients(self, grads_and_vars, name=None):
     """Applies the top-k of gradients + residual with the inner optimizer.
