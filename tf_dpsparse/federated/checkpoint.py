@@ -282,6 +282,11 @@ class DeviceJournal:
     delta_<r>/           ids.npy and <name>.npy: the rows changed since the
                          previous checkpoint, written before round r's
                          program state; folded into the base after it
+
+  The deltas and base.json are fsynced, but TFF's program-state manager
+  does not fsync round r's directory: like the rest of the checkpoint, this
+  survives the process dying, not a power cut (after which `recover`
+  refuses a base newer than the last program state, naming --restart).
   """
 
   def __init__(self, path: str):
