@@ -164,12 +164,14 @@ def test_one_worker_runs_the_whole_round(workers, clients):
 def test_unseeded_device_noise_is_not_drawn_twice(workers, clients):
   # TFF's mergeable form recomputes the device work after the merge: with
   # DP-SGD noise from OS entropy a device would keep another draw's residual.
+  # `process.next` splits the round instead (test_remote_split); the whole
+  # round computation, called directly, still takes the mergeable form.
   process = _process('example', None)
   store = federated.ClientStateStore(5, process.size)
   with federated.use_workers([w.address for w in workers]):
     state = process.initialize()  # no client data: runs whole on one worker
     with pytest.raises(remote.RecomputedRandomnessError, match='twice'):
-      process.next(state, clients, store.get(range(5)))
+      process.iterative_process.next(state, clients, store.get(range(5)))
     # Client level draws its noise once, on the server, after the merge.
     process = _process('client', None)
     out = process.next(process.initialize(), clients, store.get(range(5)))

@@ -18,8 +18,12 @@ The process is composed from stages, each doing one job, the way TFF's
 
 TFF's composer cannot carry per-device state (the residual, a device's
 view), so `compose` does exactly that and nothing else; measurements nest
-per stage. `DPSparseFedAvg` wraps the process with the privacy ledger,
-which refuses a round over budget before any work is done.
+per stage. Its process also holds the same round as three computations
+(`SplitRound`: download; devices; aggregate and finalizer), which a context
+running the devices apart from the server (several workers, `remote`) runs
+so that each device's work runs once. `DPSparseFedAvg` wraps the process
+with the privacy ledger, which refuses a round over budget before any work
+is done.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ from tf_dpsparse.federated.distributor import CATCH_UPS
 from tf_dpsparse.federated.distributor import build_device_download
 from tf_dpsparse.federated.distributor import build_sparse_distributor
 
-__all__ = ['AuditHooks', 'DPSparseFedAvg', 'Stages', 'build_dp_sparse_fed_avg',
-           'canary_direction', 'client_state_type', 'compose', 'num_shared']
+__all__ = ['AuditHooks', 'DPSparseFedAvg', 'SplitRound', 'Stages',
+           'build_dp_sparse_fed_avg', 'canary_direction', 'client_state_type',
+           'compose', 'num_shared']
 
 
 def client_state_type(size: int, with_view: bool = False) -> tff.StructType:
@@ -89,22 +94,125 @@ class Stages(NamedTuple):
   finalizer: tff.templates.MeasuredProcess
 
 
+def _call(comp, *args):
+  return comp(*args)
+
+
+class SplitRound(NamedTuple):
+  """The round of `compose` as three TFF computations, for a context that
+  runs the devices apart from the server (`remote`, several workers).
+
+  One computation cannot be split there without cost: TFF's mergeable form
+  cuts it at the aggregation, and its `after_merge` sees only the round's
+  arguments and the aggregate, so it runs the devices' work again for
+  their new states. Here the devices' results leave `devices` once, and
+  `finish` takes them as arguments:
+
+  - `distribute(state, one_client)`: the distributor's download, new state
+    and measurements (at the server; the download at CLIENTS, all equal).
+    `one_client` is `[0]`: TFF returns a value placed at CLIENTS only from
+    a call with clients.
+  - `devices(download, client_data, client_states)`: each device's sync and
+    client work, results at CLIENTS and no aggregation, so any split of the
+    devices into slices gives the same per-device results.
+  - `finish(state, distributor_state, distributor_measurements, devices)`:
+    the aggregator (with its DP query) and the finalizer, over the uploads
+    in device order, as in the one-computation round: the same TF
+    computations in the same order, so the same numbers bit for bit.
+  """
+  distribute: tff.Computation
+  devices: tff.Computation
+  finish: tff.Computation
+
+  def __call__(self, state, client_data, client_states, on_server=_call):
+    """`(state, client_states, measurements)` as `compose`'s `next`.
+
+    `on_server(comp, *args)` runs the server's computations (by default in
+    the current context); `devices` always runs in the current context,
+    which may split the devices over workers.
+    """
+    distributed = on_server(self.distribute, state, [np.int32(0)])
+    devices = self.devices(distributed['download'], client_data,
+                           client_states)
+    new_state, measurements = on_server(
+        self.finish, state, distributed['state'],
+        distributed['measurements'], devices)
+    return new_state, devices['client_states'], measurements
+
+
+class _Composed(tff.templates.IterativeProcess):
+  """`compose`'s process; `split` builds the same round as a `SplitRound`
+  on first use (only contexts with several workers need it)."""
+
+  def __init__(self, init_fn, next_fn, split_fn):
+    super().__init__(init_fn, next_fn, next_is_multi_arg=True)
+    self._split_fn, self._split = split_fn, None
+
+  @property
+  def split(self) -> SplitRound:
+    if self._split is None:
+      self._split = self._split_fn()
+    return self._split
+
+
+def _device_round(stages: Stages, download, client_data, client_states):
+  """Each device's sync and client work (traced into a federated
+  computation): every result at CLIENTS, nothing aggregated."""
+  weights, client_states, bytes_down = tff.federated_map(
+      stages.device_download, (download, client_states))
+  uploads, client_states, client_metrics = tff.federated_map(
+      stages.client_work, (weights, client_data, client_states,
+                           download.round_num, download.shared_indices))
+  return collections.OrderedDict(
+      uploads=uploads, client_states=client_states,
+      client_metrics=client_metrics, bytes_down=bytes_down)
+
+
+def _server_round(stages: Stages, as_trainable, state, distributor_state,
+                  distributor_measurements, devices):
+  """The aggregate of the devices' uploads, the finalizer's step and the
+  round's measurements (traced into a federated computation)."""
+  aggregated = stages.aggregator.next(state.aggregator, devices['uploads'])
+  finalized = stages.finalizer.next(
+      state.finalizer, state.global_model_weights,
+      tff.federated_map(as_trainable, aggregated.result))
+  new_state = tff.federated_zip(collections.OrderedDict(
+      global_model_weights=finalized.result,
+      distributor=distributor_state, aggregator=aggregated.state,
+      finalizer=finalized.state))
+  measurements = tff.federated_zip(collections.OrderedDict(
+      distributor=distributor_measurements,
+      client_work=tff.federated_mean(devices['client_metrics']),
+      bytes_down=tff.federated_sum(devices['bytes_down']),
+      aggregator=aggregated.measurements,
+      finalizer=finalized.measurements))
+  return new_state, measurements
+
+
+def _as_trainable_fn(stages: Stages):
+  """The aggregate (flat) as the trainables the finalizer takes."""
+  weights_type = stages.initial_weights.type_signature.result.member
+  flat_type = stages.aggregator.next.type_signature.result.result.member
+
+  @tff.tensorflow.computation(flat_type)
+  def as_trainable(flat):
+    specs = [tf.TensorSpec(t.shape, t.dtype)
+             for t in tff.structure.flatten(weights_type.trainable)]
+    return core.unflatten(flat, specs)
+
+  return as_trainable
+
+
 def compose(stages: Stages, data_type, state_type) -> tff.templates.IterativeProcess:
   """One round from the stages, client states carried through.
 
   `next(state, client_data, client_states) -> (state, client_states,
   measurements)`, the measurements nested per stage. The stages only meet
   through their results: the distributor's download is all the devices
-  read of the server.
+  read of the server. The process's `split` is the same round as three
+  computations (`SplitRound`), traced from the same functions.
   """
-  weights_type = stages.initial_weights.type_signature.result.member
-  flat_type = stages.aggregator.next.type_signature.result.result.member
-
-  @tff.tensorflow.computation(flat_type)
-  def as_trainable(flat):  # the finalizer takes the update as trainables
-    specs = [tf.TensorSpec(t.shape, t.dtype)
-             for t in tff.structure.flatten(weights_type.trainable)]
-    return core.unflatten(flat, specs)
+  as_trainable = _as_trainable_fn(stages)
 
   @tff.federated_computation
   def init_fn():
@@ -114,36 +222,58 @@ def compose(stages: Stages, data_type, state_type) -> tff.templates.IterativePro
         aggregator=stages.aggregator.initialize(),
         finalizer=stages.finalizer.initialize()))
 
-  @tff.federated_computation(init_fn.type_signature.result,
-                             tff.FederatedType(data_type, tff.CLIENTS),
-                             tff.FederatedType(state_type, tff.CLIENTS))
+  server_state_type = init_fn.type_signature.result
+  client_data_type = tff.FederatedType(data_type, tff.CLIENTS)
+  client_states_type = tff.FederatedType(state_type, tff.CLIENTS)
+
+  @tff.federated_computation(server_state_type, client_data_type,
+                             client_states_type)
   def next_fn(state, client_data, client_states):
     distributed = stages.distributor.next(state.distributor,
                                           state.global_model_weights)
-    weights, client_states, bytes_down = tff.federated_map(
-        stages.device_download, (distributed.result, client_states))
-    uploads, client_states, client_metrics = tff.federated_map(
-        stages.client_work, (weights, client_data, client_states,
-                             distributed.result.round_num,
-                             distributed.result.shared_indices))
-    aggregated = stages.aggregator.next(state.aggregator, uploads)
-    finalized = stages.finalizer.next(
-        state.finalizer, state.global_model_weights,
-        tff.federated_map(as_trainable, aggregated.result))
-    new_state = tff.federated_zip(collections.OrderedDict(
-        global_model_weights=finalized.result,
-        distributor=distributed.state, aggregator=aggregated.state,
-        finalizer=finalized.state))
-    measurements = tff.federated_zip(collections.OrderedDict(
-        distributor=distributed.measurements,
-        client_work=tff.federated_mean(client_metrics),
-        bytes_down=tff.federated_sum(bytes_down),
-        aggregator=aggregated.measurements,
-        finalizer=finalized.measurements))
-    return new_state, client_states, measurements
+    devices = _device_round(stages, distributed.result, client_data,
+                            client_states)
+    new_state, measurements = _server_round(
+        stages, as_trainable, state, distributed.state,
+        distributed.measurements, devices)
+    return new_state, devices['client_states'], measurements
 
-  return tff.templates.IterativeProcess(init_fn, next_fn,
-                                        next_is_multi_arg=True)
+  return _Composed(init_fn, next_fn, lambda: _split_round(
+      stages, as_trainable, server_state_type, client_data_type,
+      client_states_type))
+
+
+def _split_round(stages: Stages, as_trainable, server_state_type,
+                 client_data_type, client_states_type) -> SplitRound:
+  """`compose`'s round as a `SplitRound`, from the same traced functions."""
+
+  @tff.federated_computation(server_state_type,
+                             tff.FederatedType(np.int32, tff.CLIENTS))
+  def distribute(state, one_client):
+    del one_client  # it only makes the download (at CLIENTS) returnable
+    distributed = stages.distributor.next(state.distributor,
+                                          state.global_model_weights)
+    return collections.OrderedDict(
+        state=distributed.state, download=distributed.result,
+        measurements=distributed.measurements)
+
+  download_type = distribute.type_signature.result.download
+
+  @tff.federated_computation(download_type, client_data_type,
+                             client_states_type)
+  def devices(download, client_data, client_states):
+    return _device_round(stages, download, client_data, client_states)
+
+  result = distribute.type_signature.result
+
+  @tff.federated_computation(server_state_type, result.state,
+                             result.measurements,
+                             devices.type_signature.result)
+  def finish(state, distributor_state, distributor_measurements, devices):
+    return _server_round(stages, as_trainable, state, distributor_state,
+                         distributor_measurements, devices)
+
+  return SplitRound(distribute, devices, finish)
 
 
 def num_examples(dataset: tf.data.Dataset) -> int:
@@ -274,7 +404,7 @@ class DPSparseFedAvg:
                      f' devices reported ({len(dropped)} dropped)',
           'dropped': len(dropped), 'epsilon': epsilon})
     keep = sorted(sizes)
-    state, kept_states, measurements = self.iterative_process.next(
+    state, kept_states, measurements = self._round(
         state, [client_data[i] for i in keep],
         [client_states[i] for i in keep])
     self._executors.use(len(keep))
@@ -286,6 +416,18 @@ class DPSparseFedAvg:
     metrics['dense_bytes_up'] = metrics['dense_bytes_down'] = (
         int(metrics['num_clients']) * self.model_size * 4)
     return RoundOutput(state, new_states, metrics)
+
+  def _round(self, state, client_data, client_states):
+    """The round's TFF work: the process's one `next` computation, or its
+    `SplitRound` in a context that runs the devices apart from the server
+    (`remote`'s with several workers, which offers `on_server`), so each
+    device's work runs once there instead of twice."""
+    on_server = getattr(tff.framework.get_context_stack().current,
+                        'on_server', None)
+    split = getattr(self.iterative_process, 'split', None)
+    if on_server is None or split is None:
+      return self.iterative_process.next(state, client_data, client_states)
+    return split(state, client_data, client_states, on_server=on_server)
 
   def skip_round(self) -> None:
     """Accounts for a round whose Poisson sample was empty.

@@ -8,28 +8,49 @@ reaches its own worker (`RemoteExecutorGrpcStub` on a gRPC channel, a
 `local_cpp_executor_factory`, also starts the worker, so the same few lines
 are written here for an address that is already serving.
 
-One worker runs the whole round there (TFF's sync context). Several workers
-run TFF's mergeable context (`create_mergeable_comp_execution_context`): TFF
-compiles the round into `up_to_merge` (broadcast, device work, the partial
-aggregate), `merge` and `after_merge` (the server's noise and optimizer, the
-devices' new states), splits the sampled devices into one contiguous slice
-per worker and runs the slices concurrently. Two changes to TFF's context,
-both about order, make a round through k workers equal to the one-process
-round: TFF concatenates the slices' client-placed results (the devices' new
-states) in the order the workers *finish*, and merges the partial
-aggregates in that order too; `_InOrder` keeps the slices' order for both.
-What the mergeable form requires of a round (at most one level of
-aggregation, no aggregate feeding another) is checked by TFF when the round
-is first compiled, and refused with its own error. Its price: `after_merge`
-sees only the round's arguments and the merged aggregate, so the devices'
-work runs a second time there to give their new states. That doubles the
-device work, and a round whose device work draws unseeded random numbers
-(DP-SGD noise from OS entropy) is refused (`_mergeable_form`). A
-computation without client data (`initialize`) runs whole on one worker.
+One worker runs the whole round there (TFF's sync context). With several,
+what runs where:
+
+- the driver (`DPSparseFedAvg.next`) holds the device states, samples the
+  round and runs it as `learning.SplitRound`, three TFF computations;
+- `distribute` (the distributor's download) runs on the first worker;
+- `devices` (each device's download sync and client work: training,
+  DP-SGD noise, clip, top-k and residual) runs on every worker at once,
+  each on its contiguous slice of the sampled devices with their data and
+  states, and returns their uploads, new states and metrics;
+- `finish` (the aggregator with its DP query, the finalizer, the round's
+  measurements) runs on the first worker over every upload, in device order.
+
+Why three computations and not TFF's mergeable form of the round
+(`create_mergeable_comp_execution_context`, which this context still is
+for any other computation): the mergeable compiler cuts a round at its
+aggregation, and `after_merge` sees only the round's arguments and the
+merged aggregate, so the devices' work ran a second time there to give
+their new states. That doubled the device work (2 workers: 7.7 s/round
+against 4-5 s on one) and refused unseeded device randomness (DP-SGD noise
+from OS entropy), since the second run would draw other noise than the
+upload sent (`RecomputedRandomnessError`, still raised for a computation
+given whole). Per device nothing is aggregated, so splitting `devices`
+needs no merge and each device's work runs once; the server's parts are
+not split, so the sums run in the one-process order and a round through k
+workers equals the one-process round bit for bit. What is sent: the
+download once per worker, each slice's data and states, and the uploads,
+states and metrics back to the driver, which passes the uploads to
+`finish`. A context marks that it runs devices apart by offering
+`on_server`; TFF's local context and one worker run the round as one
+computation.
+
+For a computation given whole, two changes to TFF's mergeable context,
+both about order, keep the result equal to the one-process one: TFF
+concatenates the slices' client-placed results in the order the workers
+*finish*, and merges the partial aggregates in that order too; `_InOrder`
+keeps the slices' order for both. What the mergeable form requires (at
+most one level of aggregation, no aggregate feeding another) is checked by
+TFF when the computation is first compiled.
 
 Per worker the client count changes with Poisson sampling; as
 `_workers.LatestCardinality` does for the local worker, each worker keeps
-only its latest count's executor stack (`_LatestStack`).
+only its latest counts' executor stacks (`_LatestStack`).
 """
 
 from __future__ import annotations
@@ -46,6 +67,7 @@ from tensorflow_federated.python.core.backends.native import mergeable_comp_comp
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.compiler import building_blocks
 from tensorflow_federated.python.core.impl.compiler import tree_analysis
+from tensorflow_federated.python.core.impl.computation import function_utils
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
@@ -79,22 +101,29 @@ def parse_workers(text: str) -> list:
 
 
 class _LatestStack(python_executor_stacks.ResourceManagingExecutorFactory):
-  """TFF's executor factory, keeping one client count's stack on the worker.
+  """TFF's executor factory, keeping the latest client counts' stacks only.
 
   The worker holds a copy of the computations per stack and frees none
-  (DESIGN: 22 GB over a Poisson-sampled run); a new client count closes the
-  previous one's stack. The count-free stack (merges, `initialize`) stays.
+  (DESIGN: 22 GB over a Poisson-sampled run), so stacks of counts not used
+  lately are closed. A split round (`learning.SplitRound`) calls the first
+  worker with three counts a round (the download's one client, its slice of
+  the devices, all of them for the aggregate): the latest `keep` are kept,
+  so the one-client stack is not rebuilt every round. The count-free stack
+  (merges, `initialize`) stays.
   """
 
-  def __init__(self, stack_fn):
+  def __init__(self, stack_fn, keep: int = 3):
     super().__init__(stack_fn)
-    self._last = None
+    self._recent, self._keep = [], keep
 
   def create_executor(self, cardinalities):
     if cardinalities.get(tff.CLIENTS):
-      if self._last is not None and self._last != cardinalities:
-        self.clean_up_executor(self._last)
-      self._last = dict(cardinalities)
+      key = tuple(sorted(cardinalities.items(), key=lambda kv: str(kv[0])))
+      if key in self._recent:
+        self._recent.remove(key)
+      self._recent.append(key)
+      while len(self._recent) > self._keep:
+        self.clean_up_executor(dict(self._recent.pop(0)))
     return super().create_executor(cardinalities)
 
 
@@ -132,6 +161,10 @@ def _context_kwargs(address: str, timeout: float) -> dict:
               compiler_fn=compiler.desugar_and_transform_to_native,
               transform_args=tensorflow_computation.transform_args,
               transform_result=tensorflow_computation.transform_result)
+
+
+async def _gather(coros) -> list:
+  return list(await asyncio.gather(*coros))
 
 
 # pylint: disable=protected-access  (TFF 0.87's helpers, pinned)
@@ -233,29 +266,78 @@ def _takes_clients(comp) -> bool:
           t.placement is tff.CLIENTS))
 
 
+def _per_device(comp) -> bool:
+  """Whether `comp` computes each device's results alone: every result is
+  placed at CLIENTS (not all equal) and nothing is aggregated, so a device's
+  results depend on its own arguments and the server's only, and running
+  any split of the devices apart gives the same results (a split round's
+  `devices`)."""
+  result = comp.type_signature.result
+  leaves = (tff.structure.flatten(result)
+            if isinstance(result, tff.StructType) else [result])
+  if not leaves or not all(
+      isinstance(t, tff.FederatedType) and t.placement is tff.CLIENTS and
+      not t.all_equal for t in leaves):
+    return False
+  return not tree_analysis.contains(
+      comp.to_building_block(), lambda block: isinstance(
+          block, building_blocks.Intrinsic) and (
+              block.intrinsic_def().aggregation_kind is not None))
+
+
 class _InOrder(mergeable.MergeableCompExecutionContext):
-  """TFF's mergeable context with one slice per worker, kept in order."""
+  """TFF's mergeable context with one slice per worker, kept in order, that
+  runs per-device computations apart and server ones on the first worker."""
 
   def __init__(self, async_contexts):
     super().__init__(async_contexts, compiler_fn=_mergeable_form,
                      transform_result=tensorflow_computation.transform_result)
 
+  def _run(self, coro):
+    return self._async_runner.run_coro_and_return_result(coro)
+
   def invoke(self, comp, arg=None):
-    """Runs `comp` over the workers; one without client-placed arguments
-    (`initialize`) has nothing to split and runs whole on the first."""
+    """Runs `comp` over the workers. Without client-placed arguments
+    (`initialize`) there is nothing to split: whole on the first worker. A
+    per-device computation (`_per_device`) runs once on each worker's slice
+    of the devices. Any other goes through TFF's mergeable form."""
     contexts = self._async_execution_contexts
     if not _takes_clients(comp):
-      return self._async_runner.run_coro_and_return_result(
-          contexts[0].invoke(comp, arg))
+      return self._run(contexts[0].invoke(comp, arg))
+    if _per_device(comp):
+      return self._run_per_device(comp, arg)
     comp = self._compiler_pipeline.compile(comp)
     arg = tensorflow_computation.transform_args(arg)
     arg_list = mergeable.MergeableCompExecutionContextValue(
         arg, comp.up_to_merge.type_signature.parameter,
         len(contexts)).value()
-    result = self._async_runner.run_coro_and_return_result(
-        _in_order(comp, arg_list, contexts[:len(arg_list)]))
+    result = self._run(_in_order(comp, arg_list, contexts[:len(arg_list)]))
     return self._transform_result(tff.types.type_to_py_container(
         result, comp.after_merge.type_signature.result))
+
+  def _run_per_device(self, comp, arg):
+    """Slice i of the devices on worker i, concurrently; the results
+    concatenated in slice order (TFF's own partitioning and repackaging)."""
+    contexts = self._async_execution_contexts
+    arg = tensorflow_computation.transform_args(arg)
+    arg_list = mergeable.MergeableCompExecutionContextValue(
+        arg, comp.type_signature.parameter, len(contexts)).value()
+    results = self._run(_gather([
+        context.invoke(comp, a) for a, context in zip(arg_list, contexts)]))
+    result_type = comp.type_signature.result
+    # pylint: disable-next=protected-access
+    result = mergeable._repackage_partitioned_values(
+        list(results), result_type_spec=result_type)
+    return self._transform_result(
+        tff.types.type_to_py_container(result, result_type))
+
+  def on_server(self, comp, *args):
+    """Runs `comp(*args)` whole on the first worker: the server's parts of
+    a `learning.SplitRound` (the download; the aggregate and the
+    finalizer over every device's upload, summed in device order as in
+    one process)."""
+    arg = function_utils.pack_args(comp.type_signature.parameter, args, {})
+    return self._run(self._async_execution_contexts[0].invoke(comp, arg))
 
 
 def create_remote_context(addresses: Sequence[str], *, timeout: float = 30.0):
