@@ -256,23 +256,8 @@ def canary_offset(keras_model) -> int:
 
 def _headed_model_fns(fed, seed: int, head: CanaryHead):
   """`(keras_model, model_fn)` as `simulation.model_fns`, with `head`."""
-  import tensorflow as tf
-  import tensorflow_federated as tff
   from tf_dpsparse.federated import simulation
-  base_model, _ = simulation.model_fns(fed, seed)
-
-  def keras_model():
-    return head.wrap(base_model())
-
-  input_spec = (tf.TensorSpec([None, *fed.element_spec[0].shape], tf.float32),
-                tf.TensorSpec([None], tf.int32))
-
-  def model_fn():
-    return tff.learning.models.from_keras_model(
-        keras_model(), input_spec=input_spec,
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-
-  return keras_model, model_fn
+  return simulation.model_fns(fed, seed, wrap=head.wrap)
 
 
 def _dirac_scorer(offset: int, owner: np.ndarray):

@@ -102,13 +102,14 @@ def server_optimizer(config: RunConfig) -> tff.learning.optimizers.Optimizer:
   return tff.learning.optimizers.build_sgdm(config.server_learning_rate)
 
 
-def model_fns(fed, seed: int):
-  """`(keras_model, model_fn)`: the data set's model (`tds.models`), seeded,
-  as a Keras model and as the TFF model `build_dp_sparse_fed_avg` takes."""
+def model_fns(fed, seed: int, wrap: Callable = lambda model: model):
+  """`(keras_model, model_fn)`: the data set's model (`tds.models`), seeded
+  (and passed through `wrap`: the audit's canary head), as a Keras model and
+  as the TFF model `build_dp_sparse_fed_avg` takes."""
   input_shape = fed.element_spec[0].shape
 
   def keras_model():
-    return models.build_model(input_shape, fed.num_classes, seed=seed)
+    return wrap(models.build_model(input_shape, fed.num_classes, seed=seed))
 
   input_spec = (tf.TensorSpec([None, *input_shape], tf.float32),
                 tf.TensorSpec([None], tf.int32))
