@@ -287,8 +287,10 @@ def _per_example_source(model, params: _Parametrization, x_all, y_all,
                         per_example_loss_fn) -> dict:
   """What `private_gradient` clips, decided once per trace: `clipped_sum_fn`
   by ghost norms where `_ghost_model` gives a Keras model (no [n, size]
-  rows: the HAPT main job's round measured 1.15x faster than with the
-  rows, `benchmarks/fed_bench.py --quick`), else `rows_fn`: the
+  rows: one HAPT device's client work measured 1.14x faster than with the
+  rows, median of 80 interleaved calls; the main job's round, now mostly
+  TFF's own cost, 1.00x over 12 rounds of `benchmarks/fed_bench.py`),
+  else `rows_fn`: the
   rows (`_per_example_rows`) pulled back to what `params` trains, clipped
   and noised there. Either way each sampled example's contribution is its
   own gradient clipped to the mechanism's clip."""

@@ -417,8 +417,9 @@ class DPSparseOptimizer(tf.keras.optimizers.Optimizer):
     `x, y, sample_weight` go through `per_example.ghost_clipped_sum` where
     `_takes_ghost_norms` (each example's exact gradient norm from one
     forward and one backward, the clipped sum from one weighted backward:
-    a `fit` step measured 1.4-1.5x faster than the rows at batch 64,
-    `benchmarks/keras_bench.py`) or else `tds.keras.per_example_gradients`
+    a `fit` step of the shipped CNNs measured 1.05-1.46x faster than the
+    rows at batch 64 in three `benchmarks/keras_bench.py --quick` runs on
+    a loaded machine) or else `tds.keras.per_example_gradients`
     (the model's forward and backward on one example at a time,
     vectorized), at about 2x a plain SGD step instead of the jacobian's
     30-60x. Same clipped sum (each example's contribution bounded by the
