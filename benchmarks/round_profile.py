@@ -115,9 +115,9 @@ def _variants():
     del args, kwargs
     return tf.constant(0.0)
 
-  def zero_gradients(dp_sgd, model, trainable, *args, **kwargs):
+  def zero_gradients(dp_sgd, model, params, *args, **kwargs):
     del dp_sgd, model, args, kwargs
-    return lambda *step: [tf.zeros_like(v) for v in trainable]
+    return lambda *step: [tf.zeros_like(v) for v in params.trainable]
 
   def no_training(*args, **kwargs):
     del args, kwargs
@@ -128,7 +128,8 @@ def _variants():
   return {
       fed_bench.OLD: old,
       'old Dataset.reduce loops, vectorized rows': old_loops,
-      fed_bench.JACOBIAN: dict(_per_example_rows=old['_per_example_rows']),
+      fed_bench.JACOBIAN: dict(_per_example_rows=old['_per_example_rows'],
+                               _ghost_model=fed_bench.no_ghost),
       MAIN: {},
       'current, no diagnostic loss': dict(_training_loss=no_loss),
       'current, per-example gradients zeroed, no loss': dict(
@@ -231,7 +232,7 @@ def _gradient_pieces(job: Job, privacy, model, x, y) -> dict:
   jacobian = tf.function(fed_bench.old_client_work()['_per_example_rows'](
       model, variables, loss_fn))
   step = tf.function(lambda: cw._dp_sgd_gradients(  # pylint: disable=protected-access
-      privacy, model, variables, x, y, loss_fn,
+      privacy, model, cw._parametrization(model, None), x, y, loss_fn,  # pylint: disable=protected-access
       tf.constant([0, 1], tf.int64))(tf.constant(0, tf.int64)))
   return {
       f'per-example gradients, vectorized, batch {len(batch[1])}':
