@@ -105,14 +105,16 @@ class _LatestStack(python_executor_stacks.ResourceManagingExecutorFactory):
 
   The worker holds a copy of the computations per stack and frees none
   (DESIGN: 22 GB over a Poisson-sampled run), so stacks of counts not used
-  lately are closed. A split round (`learning.SplitRound`) calls the first
-  worker with three counts a round (the download's one client, its slice of
-  the devices, all of them for the aggregate): the latest `keep` are kept,
-  so the one-client stack is not rebuilt every round. The count-free stack
-  (merges, `initialize`) stays.
+  lately are closed: the latest `keep`. A split round (`learning.SplitRound`)
+  calls the first of several workers with three counts a round (the
+  download's one client, its slice of the devices, all of them for the
+  aggregate), so that one keeps 3 and the one-client stack is not rebuilt
+  every round; every other worker keeps 1 (3 would hold 3 copies of the
+  whole round's computations: 340 -> 480 MB on one worker). The count-free
+  stack (merges, `initialize`) stays.
   """
 
-  def __init__(self, stack_fn, keep: int = 3):
+  def __init__(self, stack_fn, keep: int = 1):
     super().__init__(stack_fn)
     self._recent, self._keep = [], keep
 
@@ -143,7 +145,7 @@ def _stub(address: str, timeout: float):
   return stub
 
 
-def _factory(address: str, timeout: float) -> _LatestStack:
+def _factory(address: str, timeout: float, keep: int) -> _LatestStack:
   """TFF's executor factory for a worker already serving at `address`."""
   stub = _stub(address, timeout)
 
@@ -153,11 +155,11 @@ def _factory(address: str, timeout: float) -> _LatestStack:
     executor.set_cardinalities(cardinalities)
     return executor
 
-  return _LatestStack(stack_fn)
+  return _LatestStack(stack_fn, keep)
 
 
-def _context_kwargs(address: str, timeout: float) -> dict:
-  return dict(executor_fn=_factory(address, timeout),
+def _context_kwargs(address: str, timeout: float, keep: int = 1) -> dict:
+  return dict(executor_fn=_factory(address, timeout, keep),
               compiler_fn=compiler.desugar_and_transform_to_native,
               transform_args=tensorflow_computation.transform_args,
               transform_result=tensorflow_computation.transform_result)
@@ -249,13 +251,15 @@ def _mergeable_form(comp):
   if twice:
     ops = sorted(set().union(*(before[k] for k in twice)))
     raise RecomputedRandomnessError(
-        'this round cannot be spread over several workers: TFF\'s mergeable '
-        'form runs the devices\' work twice (before the merge for the '
-        'aggregate, after it for their new states), and that work draws '
-        f'unseeded random numbers ({", ".join(ops)}), so a device would keep '
-        'a residual of another draw than the update it sent. Use one '
-        'worker, or seed the noise (build_dp_sparse_fed_avg(seed=...), '
-        '--noise-seed: tests only, not private).')
+        'this computation cannot be spread whole over several workers: '
+        'TFF\'s mergeable form runs the devices\' work twice (before the '
+        'merge for the aggregate, after it for their new states), and that '
+        f'work draws unseeded random numbers ({", ".join(ops)}), so a device '
+        'would keep a residual of another draw than the update it sent. Run '
+        'the round through DPSparseFedAvg.next (it splits the round, '
+        'learning.SplitRound, and runs each device once), use one worker, or '
+        'seed the noise (build_dp_sparse_fed_avg(seed=...), --noise-seed: '
+        'tests only, not private).')
   return form
 
 
@@ -343,9 +347,11 @@ class _InOrder(mergeable.MergeableCompExecutionContext):
 def create_remote_context(addresses: Sequence[str], *, timeout: float = 30.0):
   """TFF's execution context over the workers at `addresses` (host:port).
 
-  One address: TFF's sync context on that worker. Several: the mergeable
-  context, the sampled devices split into one slice per worker. Raises
-  WorkerUnreachableError when a worker does not answer within `timeout`.
+  One address: TFF's sync context on that worker. Several: `_InOrder`, the
+  sampled devices split into one slice per worker (`DPSparseFedAvg` rounds
+  as `learning.SplitRound`, other computations in TFF's mergeable form).
+  Raises WorkerUnreachableError when a worker does not answer within
+  `timeout`.
   """
   addresses = list(addresses)
   if not addresses:
@@ -354,7 +360,8 @@ def create_remote_context(addresses: Sequence[str], *, timeout: float = 30.0):
     return sync_execution_context.SyncExecutionContext(
         **_context_kwargs(addresses[0], timeout))
   return _InOrder([async_execution_context.AsyncExecutionContext(
-      **_context_kwargs(a, timeout)) for a in addresses])
+      **_context_kwargs(a, timeout, keep=3 if i == 0 else 1))
+                   for i, a in enumerate(addresses)])
 
 
 @contextlib.contextmanager
