@@ -297,6 +297,15 @@ def test_eight_bit_upload_is_rounded_on_device_and_keeps_the_error(tmp_path):
     export(dense_model(), value_bits=16)
 
 
+def _play_round(server, clients, round_num: int):
+  """Each client trains on 2 batches and uploads; the server's round result."""
+  for cid, client in enumerate(clients):
+    for x, y in batches(dense_model(), 2, seed=10 * round_num + cid):
+      client.train(x, y)
+    assert server.submit(cid, client.upload())
+  return server.finish_round()
+
+
 @pytest.mark.parametrize('value_bits', [32, 16, 8])
 def test_apply_download_reconstructs_the_server_public_model(
     dense_bytes, value_bits):
@@ -305,11 +314,7 @@ def test_apply_download_reconstructs_the_server_public_model(
       clients[0].get_weights(), upload_density=0.1, download_density=0.2,
       value_bits=value_bits)
   for round_num in range(3):
-    for cid, client in enumerate(clients):
-      for x, y in batches(dense_model(), 2, seed=10 * round_num + cid):
-        client.train(x, y)
-      assert server.submit(cid, client.upload())
-    result = server.finish_round()
+    result = _play_round(server, clients, round_num)
     assert result.accepted == (0, 1, 2) and not result.rejected
     for client in clients:
       client.apply_download(result.download)
@@ -537,11 +542,7 @@ def test_subspace_devices_hold_the_servers_public_z(subspace_bytes):
       subspace=clients[0].subspace_dims,
       subspace_seed=clients[0].subspace_seed)
   for round_num in range(3):
-    for cid, client in enumerate(clients):
-      for x, y in batches(dense_model(), 2, seed=10 * round_num + cid):
-        client.train(x, y)
-      assert server.submit(cid, client.upload())
-    result = server.finish_round()
+    result = _play_round(server, clients, round_num)
     assert not result.rejected and result.bytes_down == len(result.download)
     for client in clients:
       client.apply_download(result.download)
