@@ -91,6 +91,11 @@ class _Parametrization(NamedTuple):
   write_model: Callable  # () -> None: the model from `trainable`
   pullback: Callable  # flat model gradient(s) -> flat gradient(s) of trainable
 
+  @property
+  def in_model_weights(self) -> bool:
+    """True when the optimizer steps the model's own variables (no subspace)."""
+    return self.trainable is self.model_trainable
+
 
 def _parametrization(model, subspace) -> _Parametrization:
   """The device's `_Parametrization` (variables made once, outside tracing)."""
@@ -254,7 +259,7 @@ def _batch_gradients(model, params: _Parametrization):
     with tf.GradientTape() as tape:
       output = model.forward_pass(batch, training=True)
     grads = tape.gradient(output.loss, params.model_trainable)
-    if params.trainable is params.model_trainable:
+    if params.in_model_weights:
       return grads
     return core.unflatten(params.pullback(core.flatten(grads)),
                           params.trainable)
@@ -322,7 +327,7 @@ def _ghost_model(model, params: _Parametrization):
   path keeps that order. (benchmarks/fed_bench.py and the parity tests
   patch this to None to run the rows.)
   """
-  if params.trainable is not params.model_trainable:
+  if not params.in_model_weights:
     return None
   # TFF's Keras wrapper exposes no public accessor for its Keras model.
   keras_model = getattr(model, '_keras_model', None)

@@ -39,6 +39,7 @@ import tensorflow_federated as tff
 
 from tf_dpsparse import core
 from tf_dpsparse import privacy as privacy_lib
+from tf_dpsparse.deploy.parametrization import deployed_subspace
 from tf_dpsparse.federated import _workers
 from tf_dpsparse.federated.aggregator import DPSparseAggregatorFactory
 from tf_dpsparse.federated.aggregator import sparse_type
@@ -444,11 +445,9 @@ class DPSparseFedAvg:
     weights = state['global_model_weights']
     if self.subspace is None:
       return weights
-    flat = self.subspace.expand(weights.trainable[0]).numpy()
-    ends = np.cumsum([int(np.prod(shape)) for shape in self.model_shapes])
-    return weights._replace(trainable=[
-        part.reshape(shape) for part, shape in
-        zip(np.split(flat, ends[:-1]), self.model_shapes)])
+    specs = [tf.TensorSpec(shape, tf.float32) for shape in self.model_shapes]
+    return weights._replace(trainable=[t.numpy() for t in core.unflatten(
+        self.subspace.expand(weights.trainable[0]), specs)])
 
   def get_public_weights(self, state) -> np.ndarray:
     """The flat trainable weights up-to-date devices hold (the public
@@ -703,7 +702,8 @@ def build_dp_sparse_fed_avg(
     subspace: train in a public random subspace (`core.subspace`): the
       model is origin + P z, origin the initial model of `model_fn` and P a
       count sketch from `subspace_seed` to z of this fraction of the
-      trainable weights (or this many dimensions, an int >= 1). Only z is
+      trainable weights (or this many dimensions, an int >= 1; or a
+      `core.Subspace`, checked to be that sketch of that origin). Only z is
       trained, clipped, noised, uploaded and broadcast, so a device that
       missed any number of rounds catches up exactly with z itself, and the
       noise has dims dimensions. `catch_up='topk'` is refused (there is
@@ -774,11 +774,12 @@ def build_dp_sparse_fed_avg(
 def _subspace(model_fn, subspace, seed: int):
   """`(core.Subspace or None, the model's trainable shapes)`: the count
   sketch around `model_fn`'s initial weights, which are public (a seeded
-  initialization every device ships with), as the origin."""
+  initialization every device ships with), as the origin; built (or, given
+  a `core.Subspace`, checked) as the deployment server and the LiteRT
+  export build it (`deploy.deployed_subspace`)."""
   if subspace is None:
     return None, ()
   trainable = model_fn().trainable_variables
   origin = core.flatten([v.numpy() for v in trainable]).numpy()
-  dims = core.subspace_dims(origin.size, subspace)
-  return (core.count_sketch(origin, dims, seed),
+  return (deployed_subspace(origin, subspace, seed),
           [tuple(v.shape) for v in trainable])
